@@ -1,0 +1,212 @@
+"""`smoothap-bench bench loss`: forward+backward time and peak memory of every loss, side by side.
+
+Compared: our Smooth-AP (B * P * B), a re-implementation of the authors' released B x B x B algorithm,
+pytorch-metric-learning's SmoothAPLoss (the same B^3 algorithm) and every other registered loss. Batches are
+`samples_per_class` contiguous samples per class (the layout the B^3 versions need), D-dim unit vectors.
+
+Each (loss, batch size) case runs in a fresh subprocess, so its peak memory is its own:
+- CPU: growth of the process's resident-set high-water mark (getrusage ru_maxrss) over the case, measured
+  after torch is imported and the inputs exist. It includes allocator slack, so it is an upper bound.
+- CUDA: torch.cuda.max_memory_allocated above the memory held before the case.
+Time is the median of `repeats` forward+backward passes after one warm-up pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+OURS = "smooth_ap"
+BBB = "smooth_ap_bbb (released algorithm)"
+PML = "smooth_ap_pml"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def released_smooth_ap(embeddings: Tensor, num_classes: int, temperature: float = 0.01) -> Tensor:
+    """The released Smooth-AP algorithm: B x B x B sigmoid tensors; classes must be equal contiguous blocks.
+
+    Written from the paper's description of the released code (query counted among its own positives and
+    in its retrieval set), as the baseline our O(B * P * B) version is measured against.
+    """
+    batch, dim = embeddings.shape
+    group = batch // num_classes
+    sims = embeddings @ embeddings.T
+    not_self = 1.0 - torch.eye(batch, device=embeddings.device)
+    # all[q, i, j] = s_qj - s_qi for every query q and items i, j
+    diff_all = sims.unsqueeze(1).repeat(1, batch, 1) - sims.unsqueeze(2).repeat(1, 1, batch)
+    rank_all = (torch.sigmoid(diff_all / temperature) * not_self.unsqueeze(0)).sum(-1) + 1.0
+    blocks = embeddings.view(num_classes, group, dim)
+    sims_pos = blocks @ blocks.transpose(1, 2)  # [class, query, positive]
+    not_self_pos = 1.0 - torch.eye(group, device=embeddings.device)
+    diff_pos = sims_pos.unsqueeze(2).repeat(1, 1, group, 1) - sims_pos.unsqueeze(3).repeat(1, 1, 1, group)
+    rank_pos = (torch.sigmoid(diff_pos / temperature) * not_self_pos).sum(-1) + 1.0
+    block_ranks = torch.stack(
+        [rank_all[c * group : (c + 1) * group, c * group : (c + 1) * group] for c in range(num_classes)]
+    )
+    ap = (rank_pos / block_ranks).sum(-1) / group
+    return 1.0 - ap.mean()
+
+
+def _bbb_bytes(batch: int) -> int:
+    """Rough peak of the B^3 algorithm: about eight float32 B^3 tensors alive (forward and saved for backward)."""
+    return 8 * 4 * batch**3
+
+
+def _build(name: str, batch: int, samples_per_class: int):
+    """A callable (embeddings, labels) -> loss for one benchmark entry."""
+    if name == BBB:
+        classes = batch // samples_per_class
+        return lambda emb, labels: released_smooth_ap(emb, classes)
+    if name == PML:
+        from pytorch_metric_learning.losses import SmoothAPLoss
+
+        return SmoothAPLoss(temperature=0.01)
+    from losses import get_loss
+
+    return get_loss(name)
+
+
+def _measure_case(
+    name: str, batch: int, samples_per_class: int, dim: int, device: str, repeats: int, threads: int | None
+) -> dict:
+    """Run in a fresh process: time and peak memory of forward+backward for one case."""
+    import resource
+    import time
+
+    if threads:
+        torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    base = torch.nn.functional.normalize(torch.randn(batch, dim, generator=gen), dim=1).to(device)
+    labels = torch.arange(batch // samples_per_class).repeat_interleave(samples_per_class).to(device)
+    loss_fn = _build(name, batch, samples_per_class)
+    cuda = device.startswith("cuda")
+
+    def step() -> None:
+        emb = base.clone().requires_grad_(True)
+        loss_fn(emb, labels).backward()
+        if cuda:
+            torch.cuda.synchronize()
+
+    if cuda:
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - held
+    else:
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
+    times.sort()
+    return {"time_ms": 1000 * times[len(times) // 2], "peak_mb": peak / 2**20}
+
+
+def _run_case_subprocess(args: dict, timeout_s: float) -> dict:
+    code = (
+        "import json, sys; from bench.benchmarks.loss_bench import _measure_case; "
+        "print(json.dumps(_measure_case(**json.loads(sys.argv[1]))))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(args)],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=env,
+            cwd=REPO_ROOT,
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout > {timeout_s:.0f}s"}
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        return {"status": f"error: {last[:120]}"}
+    return {"status": "ok", **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def run_loss_bench(
+    batch_sizes: tuple[int, ...] = (224, 384, 1024, 4096, 8192),
+    samples_per_class: int = 4,
+    dim: int = 512,
+    device: str = "cpu",
+    losses: list[str] | None = None,
+    repeats: int = 3,
+    threads: int | None = None,
+    max_bbb_gb: float = 4.0,
+    timeout_s: float = 600.0,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """One row per (batch size, loss) with time_ms, peak_mb, their ratios to ours, and a status.
+
+    `losses`: registry names plus "smooth_ap_bbb (released algorithm)" and "smooth_ap_pml"; default all.
+    The B^3 versions are skipped where their estimated memory exceeds `max_bbb_gb`.
+    """
+    from losses import available_losses
+
+    names = losses or [OURS, BBB, PML] + [n for n in available_losses() if n != OURS]
+    rows = []
+    for batch in batch_sizes:
+        if batch % samples_per_class:
+            raise ValueError(f"batch size {batch} is not a multiple of samples_per_class={samples_per_class}")
+        for name in names:
+            row = {"batch_size": batch, "loss": name}
+            if name in (BBB, PML) and _bbb_bytes(batch) > max_bbb_gb * 2**30:
+                row["status"] = f"skipped: ~{_bbb_bytes(batch) / 2**30:.0f} GB B^3 tensors > {max_bbb_gb} GB"
+            else:
+                args = {
+                    "name": name,
+                    "batch": batch,
+                    "samples_per_class": samples_per_class,
+                    "dim": dim,
+                    "device": device,
+                    "repeats": repeats,
+                    "threads": threads,
+                }
+                row.update(_run_case_subprocess(args, timeout_s))
+            if progress:
+                print(_format_row(row), file=sys.stderr, flush=True)
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    for column in ("time_ms", "peak_mb"):
+        if column not in table:
+            table[column] = float("nan")
+    ours = table[table["loss"] == OURS].set_index("batch_size")
+    table["time_x_ours"] = table["time_ms"] / table["batch_size"].map(ours["time_ms"])
+    table["peak_x_ours"] = table["peak_mb"] / table["batch_size"].map(ours["peak_mb"])
+    return table[["batch_size", "loss", "time_ms", "peak_mb", "time_x_ours", "peak_x_ours", "status"]]
+
+
+def _format_row(row: dict) -> str:
+    if row.get("status") != "ok":
+        return f"B={row['batch_size']:>6} {row['loss']:<36} {row.get('status')}"
+    return f"B={row['batch_size']:>6} {row['loss']:<36} {row['time_ms']:10.2f} ms {row['peak_mb']:10.1f} MB"
+
+
+def format_table(df: pd.DataFrame) -> str:
+    """Markdown table; ratios are relative to our Smooth-AP at the same batch size."""
+    lines = [
+        "| B | loss | fwd+bwd ms | peak MB | time / ours | peak / ours | status |",
+        "|---:|---|---:|---:|---:|---:|---|",
+    ]
+
+    def num(value: float, digits: int) -> str:
+        return "" if pd.isna(value) else f"{value:.{digits}f}"
+
+    for row in df.itertuples():
+        lines.append(
+            f"| {row.batch_size} | {row.loss} | {num(row.time_ms, 2)} | {num(row.peak_mb, 1)} | "
+            f"{num(row.time_x_ours, 1)} | {num(row.peak_x_ours, 1)} | {row.status} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,238 @@
+"""Experiment configuration: typed dataclasses loaded from YAML, with `--set key.path=value` overrides.
+
+Every error names the full key path (for example `optim.lr`) and the file it came from, so a typo in a
+config never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key path."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "omniglot"
+    root: str = "datasets/omniglot"
+    image_size: int = 28  # side of the square input, after resizing
+    val_fraction: float = 0.2  # last fraction of training classes held out for validation
+    batch_size: int = 128  # P x K images per batch
+    samples_per_class: int = 4  # K
+    num_workers: int = 0
+    skip_bad_images: bool = False
+    augment: bool = True
+    options: dict[str, Any] = field(default_factory=dict)  # dataset-specific settings
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "convnet"
+    embedding_dim: int = 128
+    pretrained: bool = False  # ImageNet weights for torchvision backbones, when cached locally
+    freeze_bn: bool = False  # the paper's frozen BatchNorm
+
+
+@dataclass
+class LossConfig:
+    name: str = "smooth_ap"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # adam | adamw
+    lr: float = 1e-3  # backbone learning rate
+    head_lr: float | None = None  # embedding-head learning rate; None = same as lr
+    weight_decay: float = 0.0
+    lr_decay_epochs: list[int] = field(default_factory=list)  # epochs at which the rates are multiplied
+    lr_decay_gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    seed: int = 0
+    amp: bool = True  # mixed precision, used only on CUDA
+    channels_last: bool = True  # used only on CUDA
+    checkpoint_dir: str = "results/checkpoints"
+    grad_clip: float | None = None
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 512
+    ks: list[int] | None = None  # None = the K list of the dataset's protocol
+    every_epochs: int = 1  # validation frequency
+    backend: str = "auto"  # auto | faiss | torch
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = "sqlite:///results/mlflow.db"
+    artifact_location: str = "results/mlartifacts"
+    experiment: str = "omniglot"
+    log_checkpoint: bool = True
+
+
+@dataclass
+class TuneConfig:
+    trials: int = 12
+    epochs: int | None = None  # training epochs per trial; None = train.epochs
+    final_seeds: int = 3
+    pruner: str = "median"  # median | hyperband | none
+    sampler_seed: int = 0
+    storage: str = "sqlite:///results/optuna.db"
+    cv_folds: int = 1  # >1: class-disjoint k-fold over the training classes
+    shared_space: dict[str, Any] = field(default_factory=dict)  # e.g. {"optim.lr": {"low": 1e-4, "high": 1e-2, "log": true}}
+
+
+@dataclass
+class Experiment:
+    name: str = "omniglot"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view, for MLflow params."""
+        return dict(_flatten(self.to_dict()))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = ""):
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from _flatten(value, path + ".")
+        else:
+            yield path, value
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A bundled config name (`omniglot`) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        return path
+    bundled = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not bundled.is_file():
+        names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError(f"no bundled config {name_or_path!r} (available: {names}) and no such file")
+    return bundled
+
+
+def load_experiment(name_or_path: str, overrides: list[str] | None = None) -> Experiment:
+    """Load a YAML config, apply `key.path=value` overrides, and validate every key and type."""
+    path = resolve_config_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    for override in overrides or []:
+        apply_override(raw, override)
+    try:
+        return build(Experiment, raw, "")
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def experiment_from_dict(raw: dict[str, Any]) -> Experiment:
+    """Rebuild an Experiment from `Experiment.to_dict()` output (checkpoints, MLflow artifacts)."""
+    return build(Experiment, raw, "")
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in a raw config tree; the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key.path=value")
+    key, _, text = override.partition("=")
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override {override!r}: empty key in {key!r}")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {key}: value {text!r} is not valid YAML") from error
+    node = raw
+    for depth, part in enumerate(keys[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {'.'.join(keys[: depth + 1])} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def build(cls: type, raw: Any, path: str) -> Any:
+    """Build dataclass `cls` from a raw mapping, checking keys and types and naming the path on error."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path or '<root>'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]} (known keys: {', '.join(sorted(names))})")
+    values = {name: _coerce(hints[name], raw[name], f"{path}.{name}" if path else name) for name in raw}
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, path)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, path)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if errors else f"{path}: bad value {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{path}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
+    return value

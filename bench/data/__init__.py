@@ -1,0 +1,89 @@
+"""Dataset readers behind one registry.
+
+A reader turns a dataset's official files into a :class:`DatasetBundle`: a training set, a class-disjoint
+validation split carved out of the training classes, and one or more test splits evaluated by the
+dataset's own protocol (leave-one-out, or query against gallery).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from bench.config import DataConfig
+
+
+class LabeledDataset(Protocol):
+    """What every split is: a torch Dataset of (image tensor, int label) with all labels known up front."""
+
+    labels: np.ndarray  # int64, one per item, in item order
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int) -> tuple: ...
+
+
+@dataclass
+class EvalSplit:
+    """One retrieval evaluation. `gallery is None` means leave-one-out within `query`."""
+
+    name: str  # metric prefix: "val", "test", "test_small", ...
+    query: LabeledDataset
+    gallery: LabeledDataset | None = None
+    ks: tuple[int, ...] = (1, 2, 4, 8)
+
+
+@dataclass
+class DatasetBundle:
+    """Everything a run needs from a dataset. Exactly one of `tests` is named "test" (the headline split)."""
+
+    name: str
+    train: LabeledDataset
+    val: EvalSplit | None
+    tests: list[EvalSplit]
+    info: dict = field(default_factory=dict)  # counts, content hash, skipped files: logged with the run
+
+
+class DatasetError(RuntimeError):
+    """A dataset on disk is missing, incomplete or unreadable; the message says which files and where to look."""
+
+
+Reader = Callable[["DataConfig", Path], DatasetBundle]
+_READERS: dict[str, Reader] = {}
+
+
+def register_dataset(name: str) -> Callable[[Reader], Reader]:
+    """Decorator: make `reader(config, root)` available as dataset `name`."""
+
+    def wrap(reader: Reader) -> Reader:
+        _READERS[name] = reader
+        return reader
+
+    return wrap
+
+
+def available_datasets() -> list[str]:
+    _import_readers()
+    return sorted(_READERS)
+
+
+def load_dataset(config: DataConfig) -> DatasetBundle:
+    """Read the dataset named by `config.name` from `config.root`."""
+    _import_readers()
+    if config.name not in _READERS:
+        raise ValueError(f"data.name: unknown dataset {config.name!r}; available: {', '.join(sorted(_READERS))}")
+    return _READERS[config.name](config, Path(config.root))
+
+
+def _import_readers() -> None:
+    """Import reader modules lazily so that `import bench.data` stays cheap."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module.name}")

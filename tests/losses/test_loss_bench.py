@@ -1,0 +1,35 @@
+"""The benchmark's B x B x B baseline computes the same Smooth-AP as ours (include_self=True)."""
+
+import torch
+
+from bench.benchmarks.loss_bench import format_table, released_smooth_ap, run_loss_bench
+from losses.smooth_ap import SmoothAP
+
+
+def test_released_algorithm_equals_ours_with_self():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(5).repeat_interleave(3)
+    emb = torch.nn.functional.normalize(torch.randn(15, 6, generator=gen, dtype=torch.float64), dim=1)
+    a, b = emb.clone().requires_grad_(True), emb.clone().requires_grad_(True)
+    ours = SmoothAP(temperature=0.05, include_self=True)(a, labels)
+    theirs = released_smooth_ap(b, num_classes=5, temperature=0.05)
+    ours.backward()
+    theirs.backward()
+    assert abs(ours.item() - theirs.item()) < 1e-12
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_bench_table_has_ratios_and_skips_what_does_not_fit():
+    table = run_loss_bench(
+        batch_sizes=(16,),
+        dim=8,
+        losses=["smooth_ap", "smooth_ap_bbb (released algorithm)"],
+        repeats=1,
+        threads=1,
+        max_bbb_gb=1e-6,
+        progress=False,
+    )
+    ours = table.set_index("loss").loc["smooth_ap"]
+    assert ours["status"] == "ok" and ours["time_ms"] > 0 and ours["time_x_ours"] == 1.0
+    assert table.set_index("loss").loc["smooth_ap_bbb (released algorithm)", "status"].startswith("skipped")
+    assert "| 16 | smooth_ap |" in format_table(table)

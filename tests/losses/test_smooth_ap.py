@@ -1,0 +1,132 @@
+"""Smooth-AP against an independent float64 loop over the formula, autograd, and PML's version."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from pytorch_metric_learning.losses import SmoothAPLoss
+
+from losses import get_loss
+from losses.smooth_ap import SmoothAP
+
+
+def brute_force_loss(emb: torch.Tensor, labels: torch.Tensor, temperature: float, include_self: bool) -> float:
+    """1 - mean AP_q straight from the definition, one Python loop per sum."""
+    sims = (emb.double() @ emb.double().T).tolist()
+    labels = labels.tolist()
+    batch = len(labels)
+
+    def sig(x: float) -> float:
+        return 1.0 / (1.0 + math.exp(-x / temperature))
+
+    aps = []
+    for q in range(batch):
+        positives = [i for i in range(batch) if labels[i] == labels[q] and i != q]
+        if not positives:
+            continue
+        retrieval = [j for j in range(batch) if j != q]
+        if include_self:
+            positives, retrieval = positives + [q], retrieval + [q]
+        total = 0.0
+        for i in positives:
+            numer = 1.0 + sum(sig(sims[q][j] - sims[q][i]) for j in positives if j != i)
+            denom = 1.0 + sum(sig(sims[q][j] - sims[q][i]) for j in retrieval if j != i)
+            total += numer / denom
+        aps.append(total / len(positives))
+    return 1.0 - sum(aps) / len(aps)
+
+
+def uneven_batch(seed: int, dim: int = 6):
+    """Shuffled labels with classes of 1 to 5 members (singletons have no positive)."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.repeat_interleave(torch.arange(6), torch.tensor([1, 2, 3, 5, 4, 2]))
+    labels = labels[torch.randperm(labels.numel(), generator=gen)]
+    emb = torch.randn(labels.numel(), dim, generator=gen, dtype=torch.float64)
+    return torch.nn.functional.normalize(emb, dim=1), labels
+
+
+@pytest.mark.parametrize("include_self", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_brute_force_loop(include_self, seed):
+    emb, labels = uneven_batch(seed)
+    temperature = [0.01, 0.05, 0.3][seed]
+    # a tiny chunk forces many chunks, covering the chunk boundaries
+    loss = SmoothAP(temperature=temperature, include_self=include_self, chunk_elements=40)
+    expected = brute_force_loss(emb, labels, temperature, include_self)
+    assert abs(loss(emb, labels).item() - expected) < 1e-10
+
+
+@pytest.mark.parametrize("include_self", [False, True])
+def test_gradcheck_float64(include_self):
+    emb, labels = uneven_batch(3, dim=4)
+    loss = SmoothAP(temperature=0.1, include_self=include_self, chunk_elements=30)
+    emb.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda e: loss(e, labels), (emb,))
+
+
+def test_gradient_does_not_depend_on_chunking():
+    emb, labels = uneven_batch(4)
+    grads = []
+    for chunk in (17, 10**6):
+        e = emb.clone().requires_grad_(True)
+        SmoothAP(temperature=0.02, chunk_elements=chunk)(e, labels).backward()
+        grads.append(e.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("classes", [3, 4])
+def test_matches_pml_where_pml_is_right(classes):
+    """PML groups by the wrong axis unless samples per class == number of classes; check that case."""
+    gen = torch.Generator().manual_seed(classes)
+    labels = torch.repeat_interleave(torch.arange(classes), classes)  # contiguous equal blocks, as PML needs
+    emb = torch.nn.functional.normalize(torch.randn(labels.numel(), 5, generator=gen, dtype=torch.float64), dim=1)
+    ours_in, pml_in = emb.clone().requires_grad_(True), emb.clone().requires_grad_(True)
+    ours = SmoothAP(temperature=0.05, include_self=True)(ours_in, labels)
+    theirs = SmoothAPLoss(temperature=0.05)(pml_in, labels)
+    ours.backward()
+    theirs.backward()
+    # PML accumulates its APs in a float32 buffer, hence float32 tolerances
+    assert abs(ours.item() - theirs.item()) < 1e-6
+    # PML re-normalises the embeddings, so only the gradient tangent to the unit sphere is comparable
+    tangent = torch.eye(emb.shape[1], dtype=emb.dtype) - emb.unsqueeze(2) * emb.unsqueeze(1)
+    ours_tangent = (tangent @ ours_in.grad.unsqueeze(2)).squeeze(2)
+    torch.testing.assert_close(ours_tangent, pml_in.grad.double(), rtol=1e-4, atol=1e-6)
+
+
+def test_no_positive_pair_returns_connected_zero_and_warns_once():
+    emb = torch.nn.functional.normalize(torch.randn(5, 3), dim=1).requires_grad_(True)
+    labels = torch.arange(5)
+    loss = get_loss("smooth_ap")
+    with pytest.warns(UserWarning, match="no positive pair"):
+        value = loss(emb, labels)
+    assert value.item() == 0.0
+    value.backward()
+    assert torch.equal(emb.grad, torch.zeros_like(emb))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss(emb, labels)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_is_stable(dtype):
+    """Near-ties divided by a tiny temperature: finite loss and gradients, equal to the fp32 result."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8)
+    x = torch.randn(64, 16)
+    labels = torch.arange(16).repeat(4)
+    loss = SmoothAP(temperature=0.001)
+    with torch.autocast("cpu", dtype=dtype):
+        emb = torch.nn.functional.normalize(layer(x), dim=1)
+        value = loss(emb, labels)
+    value.backward()
+    assert value.dtype == torch.float32 and torch.isfinite(value)
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+    assert abs(value.item() - loss(emb.detach().float(), labels).item()) < 1e-6
+
+
+def test_rejects_bad_input():
+    with pytest.raises(ValueError, match="temperature"):
+        SmoothAP(temperature=0.0)
+    with pytest.raises(ValueError, match="embeddings"):
+        SmoothAP()(torch.randn(4, 3), torch.arange(5))

@@ -1,0 +1,287 @@
+"""bench.metrics against a float64 brute force, hand-worked examples and pytorch-metric-learning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+import bench.metrics as metrics_module
+from bench.benchmarks.eval_bench import SHARED_METRICS, class_sizes, format_table, run_eval_bench
+from bench.metrics import knn, retrieval_metrics
+
+BACKENDS = ["faiss", "torch"]
+KS = (1, 2, 4, 8, 1000)  # 1000 > every test gallery: "all candidates"
+
+
+def ranking(sims: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Candidates by similarity descending, then gallery index ascending (the documented tie rule)."""
+    return candidates[np.lexsort((candidates, -sims[candidates]))]
+
+
+def brute_force(q, q_labels, g=None, g_labels=None, ks=KS) -> dict[str, float]:
+    """Musgrave et al.'s definitions, one query at a time, in float64 with a full sort."""
+    leave_one_out = g is None
+    if leave_one_out:
+        g, g_labels = q, q_labels
+    q64, g64 = np.asarray(q, np.float32).astype(np.float64), np.asarray(g, np.float32).astype(np.float64)
+    totals = dict.fromkeys([f"recall_at_{k}" for k in ks] + ["map_at_r", "r_precision"], 0.0)
+    evaluated = 0
+    for i in range(len(q64)):
+        candidates = np.arange(len(g64))
+        if leave_one_out:
+            candidates = candidates[candidates != i]
+        rel = g_labels[ranking(g64 @ q64[i], candidates)] == q_labels[i]
+        r = int(rel.sum())
+        if r == 0:
+            continue
+        evaluated += 1
+        for k in ks:
+            totals[f"recall_at_{k}"] += float(rel[:k].any())
+        totals["r_precision"] += rel[:r].sum() / r
+        totals["map_at_r"] += sum(rel[:i].sum() / i for i in range(1, r + 1) if rel[i - 1]) / r
+    return {key: value / evaluated for key, value in totals.items()}
+
+
+def quantised(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    """Values in {-1, -0.5, 0, 0.5, 1}: float32 inner products are exact, so ties are exact and plentiful."""
+    return rng.integers(-2, 3, size=(n, dim)).astype(np.float32) / 2
+
+
+def labels_with_singletons(rng: np.random.Generator, n: int, n_classes: int, singletons: int) -> np.ndarray:
+    """Labels in [0, n_classes) plus `singletons` classes with exactly one item each."""
+    labels = rng.integers(0, n_classes, size=n)
+    labels[rng.choice(n, singletons, replace=False)] = n_classes + np.arange(singletons)
+    return labels
+
+
+def clustered(rng: np.random.Generator, labels: np.ndarray, dim: int, noise: float = 0.8) -> np.ndarray:
+    """L2-normalised class centre plus noise: continuous values, metrics well away from 0 and 1."""
+    centres = rng.standard_normal((labels.max() + 1, dim))
+    x = centres[labels] + noise * rng.standard_normal((len(labels), dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------ brute force
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_leave_one_out_with_ties_matches_brute_force(backend, chunk_size):
+    rng = np.random.default_rng(1)
+    x = quantised(rng, 300, 5)  # 3,125 distinct vectors for 300 items: many duplicates and equal similarities
+    y = labels_with_singletons(rng, 300, 40, singletons=15)
+    got = retrieval_metrics(x, y, ks=KS, backend=backend, chunk_size=chunk_size)
+    assert got == pytest.approx(brute_force(x, y), abs=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_query_gallery_with_ties_and_absent_classes_matches_brute_force(backend):
+    rng = np.random.default_rng(2)
+    q, g = quantised(rng, 120, 4), quantised(rng, 250, 4)
+    q_labels = rng.integers(0, 30, size=120)  # classes 25..29 never occur in the gallery: R = 0
+    g_labels = rng.integers(0, 25, size=250)
+    got = retrieval_metrics(
+        torch.from_numpy(q), torch.from_numpy(q_labels), g, g_labels, ks=KS, backend=backend
+    )
+    assert got == pytest.approx(brute_force(q, q_labels, g, g_labels), abs=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_continuous_embeddings_match_brute_force(backend):
+    rng = np.random.default_rng(3)
+    y = labels_with_singletons(rng, 400, 50, singletons=10)
+    x = clustered(rng, y, 16)
+    expected = brute_force(x, y)
+    assert 0.2 < expected["map_at_r"] < 0.9  # the data are informative, not a trivial 0 or 1
+    assert retrieval_metrics(x, y, ks=KS, backend=backend) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_class_needs_more_neighbours_than_ks(backend):
+    """R = 59 for one class: the search must go to the R-th neighbour, not stop at max(ks)."""
+    rng = np.random.default_rng(4)
+    y = np.concatenate([np.zeros(60, np.int64), rng.integers(1, 20, size=140)])
+    x = quantised(rng, 200, 6)
+    got = retrieval_metrics(x, y, ks=(1, 2), backend=backend, chunk_size=50)
+    assert got == pytest.approx(brute_force(x, y, ks=(1, 2)), abs=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_knn_matches_brute_force_ranking(backend):
+    rng = np.random.default_rng(5)
+    x = quantised(rng, 150, 3)  # 125 distinct vectors: exact duplicates everywhere
+    sims, ids = knn(x, None, 20, exclude_self=True, backend=backend, chunk_size=16)
+    full = x.astype(np.float64) @ x.T.astype(np.float64)
+    for i in range(len(x)):
+        expected = ranking(full[i], np.delete(np.arange(len(x)), i))[:20]
+        np.testing.assert_array_equal(ids[i].numpy(), expected)
+        np.testing.assert_array_equal(sims[i].numpy(), full[i, expected])
+
+
+# ------------------------------------------------------------------------------------------ hand-worked
+
+
+def unit(deg: float) -> list[float]:
+    return [np.cos(np.radians(deg)), np.sin(np.radians(deg))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hand_worked_leave_one_out(backend):
+    # Unit vectors at 0, 10, 25, 90, 100 degrees, labels 0, 0, 1, 1, 0; similarity falls with the angle.
+    # q0 (L0): ranks 1(10), 2(25), 3(90), 4(100) -> rel 1,0,0,1; R=2: R-prec 1/2, MAP@R (1+0)/2 = 1/2.
+    # q1 (L0): ranks 0(10), 2(15), 3(80), 4(90)  -> rel 1,0,0,1; R=2: R-prec 1/2, MAP@R 1/2.
+    # q2 (L1): ranks 1(15), 0(25), 3(65), 4(75)  -> rel 0,0,1,0; R=1: R-prec 0, MAP@R 0, hit only at 4.
+    # q3 (L1): ranks 4(10), 2(65), 1(80), 0(90)  -> rel 0,1,0,0; R=1: R-prec 0, MAP@R 0, hit at 2.
+    # q4 (L0): ranks 3(10), 2(25), 1(90), 0(100) -> rel 0,0,1,1; R=2: R-prec 0, MAP@R 0, hit at 4.
+    # recall@1 = 2/5, recall@2 = 3/5, recall@4 = 5/5, R-precision = 1/5, MAP@R = 1/5.
+    x = np.array([unit(a) for a in (0, 10, 25, 90, 100)], np.float32)
+    y = np.array([0, 0, 1, 1, 0])
+    got = retrieval_metrics(x, y, ks=(1, 2, 4), backend=backend)
+    expected = {
+        "recall_at_1": 0.4,
+        "recall_at_2": 0.6,
+        "recall_at_4": 1.0,
+        "r_precision": 0.2,
+        "map_at_r": 0.2,
+    }
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hand_worked_query_gallery_with_absent_class(backend):
+    # Gallery at 10, 20, 30, 40, 50 degrees with labels 7, 3, 7, 7, 3.
+    # Query at 0 (L7): rel 1,0,1,1,0; R=3: R-prec 2/3; MAP@R (1/1 + 0 + 2/3)/3 = 5/9.
+    # Query at 60 (L3): order 50, 40, 30, 20, 10 -> rel 1,0,0,1,0; R=2: R-prec 1/2; MAP@R (1 + 0)/2 = 1/2.
+    # Query at 5 (L9): no item of class 9 in the gallery (R=0): left out of every average.
+    # recall@1 = recall@2 = 1; R-precision = (2/3 + 1/2)/2 = 7/12; MAP@R = (5/9 + 1/2)/2 = 19/36.
+    gallery = np.array([unit(a) for a in (10, 20, 30, 40, 50)], np.float32)
+    query = np.array([unit(a) for a in (0, 60, 5)], np.float32)
+    got = retrieval_metrics(query, [7, 3, 9], gallery, np.array([7, 3, 7, 7, 3]), ks=(1, 2), backend=backend)
+    expected = {"recall_at_1": 1.0, "recall_at_2": 1.0, "r_precision": 7 / 12, "map_at_r": 19 / 36}
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hand_worked_ties_break_by_gallery_index(backend):
+    # Query [1, 0] (L1); gallery g0=[0,1] L1 (sim 0), g1=g2=g3=[1,0] with labels 0, 1, 0 (sim 1, tied).
+    # Tie rule: g1, g2, g3, then g0 -> rel 0,1,0,1; R=2: recall@1 0, recall@2 1, R-prec 1/2, MAP@R (0+1/2)/2.
+    gallery = np.array([[0, 1], [1, 0], [1, 0], [1, 0]], np.float32)
+    got = retrieval_metrics(
+        np.array([[1, 0]], np.float32), [1], gallery, [1, 0, 1, 0], ks=(1, 2), backend=backend
+    )
+    assert got == pytest.approx(
+        {"recall_at_1": 0.0, "recall_at_2": 1.0, "r_precision": 0.5, "map_at_r": 0.25}
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hand_worked_duplicates_of_the_query_still_count(backend):
+    # 0=[1,0] L0, 1=[1,0] L0 (duplicate), 2=[.8,.6] L1, 3=[.8,.6] L1 (duplicate), 4=[0,1] L0, 5=[-1,0] L9 (alone).
+    # q0: 1(1) 2(.8) 3(.8) 4(0) 5(-1) -> rel 1,0,0,1; R=2: recall@1 1, R-prec 1/2, MAP@R 1/2. q1 likewise.
+    # q2: 3(1) 0(.8) 1(.8) 4(.6) 5(-.8) -> rel 1,0,0,0; R=1: all 1. q3 likewise.
+    # q4: 2(.6) 3(.6) 0(0) 1(0) 5(0) -> rel 0,0,1,1; R=2: recall@1 = recall@2 = 0, recall@4 = 1, R-prec 0, MAP@R 0.
+    # q5: R=0, left out. recall@1 = recall@2 = 4/5, recall@4 = 1, R-precision = MAP@R = 3/5.
+    # Removing the query by distance instead of index would drop the duplicates and lower recall@1.
+    x = np.array([[1, 0], [1, 0], [0.8, 0.6], [0.8, 0.6], [0, 1], [-1, 0]], np.float32)
+    got = retrieval_metrics(x, np.array([0, 0, 1, 1, 0, 9]), ks=(1, 2, 4), backend=backend)
+    expected = {
+        "recall_at_1": 0.8,
+        "recall_at_2": 0.8,
+        "recall_at_4": 1.0,
+        "r_precision": 0.6,
+        "map_at_r": 0.6,
+    }
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------------ PML
+
+
+def pml(q, q_labels, g=None, g_labels=None) -> dict[str, float]:
+    calculator = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
+        k="max_bin_count",
+        device=torch.device("cpu"),
+    )
+    return calculator.get_accuracy(q, q_labels, g, g_labels, ref_includes_query=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_agrees_with_pytorch_metric_learning_leave_one_out(backend):
+    rng = np.random.default_rng(6)
+    y = labels_with_singletons(rng, 500, 60, singletons=20)
+    x = clustered(rng, y, 32)
+    ours, theirs = retrieval_metrics(x, y, backend=backend), pml(x, y)
+    assert ours["recall_at_1"] == pytest.approx(theirs["precision_at_1"], abs=1e-12)
+    assert ours["map_at_r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-12)
+    assert ours["r_precision"] == pytest.approx(theirs["r_precision"], abs=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_agrees_with_pytorch_metric_learning_query_gallery(backend):
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 40, size=600)
+    x = clustered(rng, labels, 32)
+    q, g = x[:200], x[200:]
+    q_labels, g_labels = labels[:200], np.where(labels[200:] < 35, labels[200:], 0)  # classes 35+: R = 0
+    ours, theirs = retrieval_metrics(q, q_labels, g, g_labels, backend=backend), pml(q, q_labels, g, g_labels)
+    assert ours["recall_at_1"] == pytest.approx(theirs["precision_at_1"], abs=1e-12)
+    assert ours["map_at_r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-12)
+    assert ours["r_precision"] == pytest.approx(theirs["r_precision"], abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------------ backends, errors
+
+
+def test_without_faiss_auto_falls_back_to_torch(monkeypatch):
+    rng = np.random.default_rng(8)
+    y = rng.integers(0, 10, size=80)
+    x = clustered(rng, y, 8)
+    monkeypatch.setattr(metrics_module, "faiss", None)
+    assert retrieval_metrics(x, y) == pytest.approx(brute_force(x, y, ks=(1, 2, 4, 8)), abs=1e-12)
+    with pytest.raises(ImportError, match="faiss is not installed"):
+        retrieval_metrics(x, y, backend="faiss")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"query_emb": np.zeros((3, 2, 1))}, ValueError, "query_emb: expected shape"),
+        ({"query_emb": np.full((3, 2), np.nan)}, ValueError, "query_emb: contains NaN"),
+        ({"query_labels": [0, 1]}, ValueError, "query_labels: expected 3 labels"),
+        ({"query_labels": [0.5, 1.0, 1.0]}, TypeError, "query_labels: expected integer"),
+        ({"query_labels": [0, 1, 2]}, ValueError, "no query has a relevant item"),
+        ({"gallery_emb": np.zeros((2, 2))}, ValueError, "give both"),
+        ({"gallery_emb": np.zeros((2, 5)), "gallery_labels": [0, 1]}, ValueError, "gallery_emb: dimension 5"),
+        ({"ks": (0, 1)}, ValueError, "ks: expected positive"),
+        ({"backend": "annoy"}, ValueError, "backend: expected"),
+    ],
+)
+def test_bad_input_names_the_argument(kwargs, error, match):
+    args = {"query_emb": np.eye(3, 2, dtype=np.float32), "query_labels": [0, 0, 1], **kwargs}
+    with pytest.raises(error, match=match):
+        retrieval_metrics(**args)
+
+
+def test_knn_rejects_k_beyond_the_candidates():
+    with pytest.raises(ValueError, match=r"k: expected 1\.\.2"):
+        knn(np.eye(3, dtype=np.float32), None, 3, exclude_self=True)
+
+
+# ------------------------------------------------------------------------------------------ bench eval
+
+
+def test_sop_like_class_sizes():
+    sizes = class_sizes(60502, 11316, np.random.default_rng(0), max_size=12)
+    assert sizes.sum() == 60502 and len(sizes) == 11316
+    assert sizes.min() == 2 and sizes.max() == 12
+
+
+def test_eval_bench_agrees_with_pml_on_a_small_set():
+    result = run_eval_bench(n=600, dim=32, n_classes=110, isolate=False)
+    assert len(result["table"]) == 3  # ours, PML with an inner-product index, PML with its default L2 index
+    assert result["max_abs_diff"]["ip"] == pytest.approx(dict.fromkeys(SHARED_METRICS, 0.0), abs=1e-12)
+    assert set(result["speed_ratio"]) == {"ip", "l2"}
+    assert "speed ratio" in format_table(result)
