@@ -80,6 +80,98 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from bench.report import make_report
+
+    out = args.out or f"results/{args.experiment}"
+    paths = make_report(args.tracking_uri, args.experiment, out, optuna_storage=args.optuna_storage,
+                        device=args.device)
+    print(f"{len(paths)} files written to {out}/:")
+    for path in paths:
+        print(f"  {path.name}")
+    return 0
+
+
+def cmd_grad(args: argparse.Namespace) -> int:
+    from bench.report import make_grad_report
+
+    out = args.out or f"results/{args.experiment}/grad"
+    paths = make_grad_report(args.tracking_uri, args.experiment, out, seed=args.seed)
+    print(f"{len(paths)} files written to {out}/:")
+    for path in paths:
+        print(f"  {path.name}")
+    return 0
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from bench.data.check import check_dataset
+
+    root = args.root or f"datasets/{args.name}"
+    report = check_dataset(args.name, root, decode=not args.no_decode)
+    return 0 if report.ok else 1
+
+
+def cmd_bench_loss(args: argparse.Namespace) -> int:
+    from bench.benchmarks.loss_bench import format_table, run_loss_bench
+
+    device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
+    table = run_loss_bench(batch_sizes=args.batch_sizes, samples_per_class=args.samples_per_class, dim=args.dim,
+                           device=device, losses=args.losses.split(",") if args.losses else None,
+                           repeats=args.repeats, threads=args.threads, max_bbb_gb=args.max_bbb_gb)
+    print(format_table(table))
+    return 0
+
+
+def cmd_bench_eval(args: argparse.Namespace) -> int:
+    from bench.benchmarks.eval_bench import format_table, run_eval_bench, run_memory_check
+
+    print(format_table(run_eval_bench(n=args.n, dim=args.dim, n_classes=args.classes, backend=args.backend)))
+    if args.memory_check:
+        check = run_memory_check(backend=args.backend)
+        print(f"memory check (iNaturalist test size): {check}")
+    return 0
+
+
+def cmd_bench_data(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from bench.benchmarks.data_bench import bench_data, synthetic_folder
+    from bench.config import DataConfig, load_experiment
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.synthetic:
+            config = DataConfig(name="folder", root=str(synthetic_folder(tmp)), image_size=224, augment=True)
+        else:
+            config = load_experiment(args.dataset).data
+        overrides = {"root": args.root, "num_workers": args.workers, "batch_size": args.batch_size}
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(config, key, value)
+        bench_data(config, batches=args.batches)
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def add_report_options(parser: argparse.ArgumentParser) -> None:
+    """Where a report reads from: the MLflow store and the experiment's name in it."""
+    parser.add_argument("--experiment", default="omniglot",
+                        help="MLflow experiment to report on (the config's tracking.experiment; default: omniglot)")
+    parser.add_argument("--tracking-uri",
+                        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///results/mlflow.db)")
+
+
 def _shown_uri(uri: str) -> str:
     from bench.tracking import redact
 
@@ -100,6 +192,77 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue an interrupted run from its last checkpoint (default path: "
                             "<train.checkpoint_dir>/<experiment>/<loss>-seed<seed>/last.pt)")
     train.set_defaults(handler=cmd_train)
+
+    report = commands.add_parser("report", help="comparison tables and figures from the MLflow and Optuna stores",
+                                 description="Read the final, tuning and ablation runs of an experiment and write "
+                                             "tables (Markdown, LaTeX, CSV) and figures (PNG, PDF).")
+    add_report_options(report)
+    report.add_argument("--out", help="output folder (default: results/<experiment>/)")
+    report.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the checkpoint behind the retrieval examples embeds the test split (default: cpu)")
+    report.add_argument("--optuna-storage", default="sqlite:///results/optuna.db",
+                        help="Optuna storage holding the studies <experiment>-<loss> (default: sqlite:///results/optuna.db)")
+    report.set_defaults(handler=cmd_report)
+
+    grad = commands.add_parser("grad", help="gradient analysis: sigmoid vs step, |dL/ds| by rank, gradient norms",
+                               description="The paper's figure 2, where each loss spends its gradient along the "
+                                           "ranking (initial and trained model), and the embedding-gradient norm "
+                                           "over training; each figure with its data as CSV.")
+    add_report_options(grad)
+    grad.add_argument("--out", help="output folder (default: results/<experiment>/grad/)")
+    grad.add_argument("--seed", type=int, default=0, help="seed that draws the analysed batch (default: 0)")
+    grad.set_defaults(handler=cmd_grad)
+
+    data = commands.add_parser("data", help="dataset tools: check a dataset on disk")
+    data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    check = data_commands.add_parser("check", help="print classes and images per split, and every problem found",
+                                     description="Read a dataset's official files, compare with the published counts "
+                                                 "and decode every image. Exit 1 when problems are found.")
+    check.add_argument("name", help="dataset name (omniglot, sop, cub200, cars196, inshop, vehicleid, inaturalist, "
+                                    "vggface2, folder)")
+    check.add_argument("--root", help="dataset folder (default: datasets/<name>)")
+    check.add_argument("--no-decode", action="store_true", help="skip decoding every image (faster)")
+    check.set_defaults(handler=cmd_data_check)
+
+    bench = commands.add_parser("bench", help="speed and memory benchmarks, measured side by side in one run")
+    bench_commands = bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
+    loss = bench_commands.add_parser(
+        "loss", help="forward+backward time and peak memory of every loss, ratios to our Smooth-AP",
+        description="For each batch size (4 samples per class, D=512): our Smooth-AP, the released code's "
+                    "B x B x B algorithm (where it fits), pytorch-metric-learning's SmoothAPLoss and the other "
+                    "losses, each case in its own process.")
+    loss.add_argument("--batch-sizes", type=_int_list, default=(224, 384, 1024, 4096, 8192),
+                      help="comma-separated batch sizes (default: 224,384,1024,4096,8192)")
+    loss.add_argument("--samples-per-class", type=int, default=4)
+    loss.add_argument("--dim", type=int, default=512, help="embedding size (default: 512)")
+    loss.add_argument("--losses", help="comma-separated subset (default: all, plus the two reference Smooth-APs)")
+    loss.add_argument("--repeats", type=int, default=3, help="timed passes per case; the fastest counts")
+    loss.add_argument("--threads", type=int, help="torch threads per case (default: torch's own)")
+    loss.add_argument("--max-bbb-gb", type=float, default=4.0,
+                      help="skip the B x B x B algorithm where it would need more memory (default: 4)")
+    loss.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    loss.set_defaults(handler=cmd_bench_loss)
+    evaluation = bench_commands.add_parser(
+        "eval", help="our retrieval metrics against pytorch-metric-learning's AccuracyCalculator",
+        description="Random normalised embeddings of the SOP test size, evaluated by both in one run: "
+                    "time, speed ratio and agreement of precision@1, MAP@R and R-precision.")
+    evaluation.add_argument("--n", type=int, default=60502, help="embeddings (default: 60,502, SOP's test set)")
+    evaluation.add_argument("--classes", type=int, default=11316, help="classes (default: 11,316)")
+    evaluation.add_argument("--dim", type=int, default=512)
+    evaluation.add_argument("--backend", default="auto", choices=["auto", "faiss", "torch"])
+    evaluation.add_argument("--memory-check", action="store_true",
+                            help="also evaluate 136,093 x 512 (iNaturalist's test size) and report peak memory")
+    evaluation.set_defaults(handler=cmd_bench_eval)
+    data_bench = bench_commands.add_parser("data", help="images/s of a dataset's loading pipeline",
+                                           description="Decode, transform and batch images as training does.")
+    source = data_bench.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", help="bundled config name whose data section to use (e.g. sop)")
+    source.add_argument("--synthetic", action="store_true", help="a generated folder of JPEGs, no download needed")
+    data_bench.add_argument("--root", help="dataset folder (default: the config's data.root)")
+    data_bench.add_argument("--workers", type=int, help="DataLoader workers (default: the config's)")
+    data_bench.add_argument("--batch-size", type=int, help="images per batch (default: the config's)")
+    data_bench.add_argument("--batches", type=int, default=20, help="batches to time (default: 20)")
+    data_bench.set_defaults(handler=cmd_bench_data)
     return parser
 
 

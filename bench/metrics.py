@@ -305,12 +305,15 @@ def retrieval_metrics(
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise ValueError(f"ks: expected positive integers, got {ks}")
+    if len(g) == 0:
+        raise ValueError("gallery_emb: the gallery is empty")
     candidates = len(g) - int(leave_one_out)
     r = relevant_counts(q_labels, g_labels, leave_one_out)
     evaluated = np.flatnonzero(r > 0)
     if len(evaluated) == 0:
         raise ValueError(
-            "query_labels: no query has a relevant item to retrieve (every class has a single item)"
+            "query_labels: no query has a relevant item to retrieve (R = 0 for all: single-item classes, "
+            "or classes absent from the gallery)"
         )
 
     searcher = _make_searcher(g, backend)

@@ -200,8 +200,8 @@ def train_and_evaluate(
                                                    dev.type == "cuda" and exp.train.channels_last))
         _save_checkpoint(checkpoint_path, checkpoint(exp.train.epochs, finished=True))
         if tracker is not None:
-            tracker.log_metrics(run_id, {**test_metrics, "peak_memory_mb": _peak_memory_mb(dev)},
-                                step=exp.train.epochs)
+            tracker.log_metrics(run_id, {**test_metrics, "peak_memory_mb": _peak_memory_mb(dev),
+                                         "skipped_images": skipped_images(bundle)}, step=exp.train.epochs)
             if exp.tracking.log_checkpoint:
                 tracker.log_artifact(run_id, checkpoint_path, "checkpoint")
             tracker.end_run(run_id, "FINISHED")
@@ -283,7 +283,9 @@ def _log_run_setup(tracker: Tracker, run_id: str, exp: Experiment, bundle: Datas
     tracker.log_params(run_id, params)
     tracker.set_tags(run_id, {"dataset": exp.data.name, "dataset_hash": bundle.info.get("content_hash", ""),
                               "loss": exp.loss.name})
-    tracker.log_params(run_id, {f"data_info.{k}": v for k, v in bundle.info.items() if k != "content_hash"})
+    info = {k: v for k, v in bundle.info.items() if k not in ("content_hash", "problems")}
+    problems = list(bundle.info.get("problems", []))
+    tracker.log_params(run_id, {**{f"data_info.{k}": v for k, v in info.items()}, "data_info.problems": len(problems)})
     with tempfile.TemporaryDirectory() as tmp:
         config = exp.to_dict()
         config["tracking"].pop("uri", None)
@@ -291,6 +293,15 @@ def _log_run_setup(tracker: Tracker, run_id: str, exp: Experiment, bundle: Datas
         path = Path(tmp) / "config.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         tracker.log_artifact(run_id, path)
+        if problems:
+            (Path(tmp) / "data_problems.txt").write_text("\n".join(problems) + "\n")
+            tracker.log_artifact(run_id, Path(tmp) / "data_problems.txt")
+
+
+def skipped_images(bundle: DatasetBundle) -> int:
+    """Corrupt images replaced under data.skip_bad_images, over every split (readers count them as they load)."""
+    datasets = [bundle.train] + [s for split in [bundle.val, *bundle.tests] if split for s in (split.query, split.gallery)]
+    return sum(int(getattr(d, "skipped", 0)) for d in datasets if d is not None)
 
 
 def seed_everything(seed: int) -> None:

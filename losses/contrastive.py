@@ -19,7 +19,9 @@ class Contrastive(nn.Module):
     def __init__(self, pos_margin: float = 0.0, neg_margin: float = 1.0):
         super().__init__()
         if not 0.0 <= pos_margin < neg_margin:
-            raise ValueError(f"contrastive: need 0 <= pos_margin < neg_margin, got {pos_margin}, {neg_margin}")
+            raise ValueError(
+                f"contrastive: need 0 <= pos_margin < neg_margin, got {pos_margin}, {neg_margin}"
+            )
         self.loss = pml_losses.ContrastiveLoss(pos_margin=pos_margin, neg_margin=neg_margin)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:

@@ -52,9 +52,7 @@ def positive_pairs(labels: Tensor, include_self: bool) -> tuple[Tensor, Tensor, 
     return q_idx, i_idx, weight, num_queries
 
 
-def _chunk_sigmoids(
-    sims: Tensor, q: Tensor, i: Tensor, temperature: float, include_self: bool
-) -> Tensor:
+def _chunk_sigmoids(sims: Tensor, q: Tensor, i: Tensor, temperature: float, include_self: bool) -> Tensor:
     """sig((s_qj - s_qi)/T) for a chunk of pairs, zero where j is excluded (j == i; j == q without self)."""
     rows = sims[q]  # a copy, modified in place below
     rows.sub_(sims[q, i].unsqueeze(1)).div_(temperature).sigmoid_()
@@ -62,6 +60,20 @@ def _chunk_sigmoids(
     if not include_self:
         rows.scatter_(1, q.unsqueeze(1), 0.0)
     return rows
+
+
+class _Gram(torch.autograd.Function):
+    """S = E E^T with a one-matmul backward, dE = (G + G^T) E (autograd's mm backward takes two)."""
+
+    @staticmethod
+    def forward(ctx, emb):
+        ctx.save_for_backward(emb)
+        return emb @ emb.T
+
+    @staticmethod
+    def backward(ctx, grad):
+        (emb,) = ctx.saved_tensors
+        return (grad + grad.T) @ emb
 
 
 class _SmoothAPRanking(torch.autograd.Function):
@@ -146,7 +158,7 @@ class SmoothAP(torch.nn.Module):
         # Sigmoid arguments are differences of similarities divided by a small T: keep them in fp32.
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             emb = embeddings.to(dtype)
-            return self.forward_similarities(emb @ emb.T, labels)
+            return self.forward_similarities(_Gram.apply(emb), labels)
 
     def forward_similarities(self, sims: Tensor, labels: Tensor) -> Tensor:
         """The loss as a function of the B x B similarity matrix (row q = query q's similarities)."""

@@ -47,4 +47,6 @@ def search_space(trial) -> dict:
     }
 
 
-register("triplet", Triplet, DEFAULTS, search_space, miner="TripletMarginMiner / BatchHardMiner (param `miner`)")
+register(
+    "triplet", Triplet, DEFAULTS, search_space, miner="TripletMarginMiner / BatchHardMiner (param `miner`)"
+)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -13,7 +14,18 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="session")
+def _empty_store(tmp_path_factory) -> str:
+    """An MLflow SQLite store with its schema made once: migrating a new database takes seconds."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return str(path)
+
+
 @pytest.fixture
-def tracking_uri(tmp_path) -> str:
-    """A fresh SQLite MLflow store under the test's temporary directory."""
+def tracking_uri(tmp_path, _empty_store) -> str:
+    """A fresh SQLite MLflow store under the test's temporary directory (a copy of the empty template)."""
+    shutil.copy(_empty_store, tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -255,6 +255,11 @@ def test_without_faiss_auto_falls_back_to_torch(monkeypatch):
         ({"query_labels": [0, 1, 2]}, ValueError, "no query has a relevant item"),
         ({"gallery_emb": np.zeros((2, 2))}, ValueError, "give both"),
         ({"gallery_emb": np.zeros((2, 5)), "gallery_labels": [0, 1]}, ValueError, "gallery_emb: dimension 5"),
+        (
+            {"gallery_emb": np.zeros((0, 2)), "gallery_labels": np.zeros(0, int)},
+            ValueError,
+            "gallery is empty",
+        ),
         ({"ks": (0, 1)}, ValueError, "ks: expected positive"),
         ({"backend": "annoy"}, ValueError, "backend: expected"),
     ],

@@ -25,7 +25,9 @@ def test_forward_is_one_minus_exact_map():
     gen = torch.Generator().manual_seed(0)
     labels = torch.repeat_interleave(torch.arange(5), torch.tensor([1, 3, 4, 2, 5]))
     labels = labels[torch.randperm(labels.numel(), generator=gen)]
-    emb = torch.nn.functional.normalize(torch.randn(labels.numel(), 4, generator=gen, dtype=torch.float64), dim=1)
+    emb = torch.nn.functional.normalize(
+        torch.randn(labels.numel(), 4, generator=gen, dtype=torch.float64), dim=1
+    )
     value = BlackboxAP(lambda_val=1.0, margin=0.0)(emb, labels)
     assert abs(value.item() - (1.0 - brute_force_map(emb @ emb.T, labels))) < 1e-12
 

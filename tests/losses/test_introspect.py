@@ -11,13 +11,17 @@ from losses.introspect import similarity_gradients
 def batch():
     gen = torch.Generator().manual_seed(0)
     labels = torch.tensor([0, 1, 0, 2, 1, 0, 2, 1, 3])
-    emb = torch.nn.functional.normalize(torch.randn(labels.numel(), 4, generator=gen, dtype=torch.float64), dim=1)
+    emb = torch.nn.functional.normalize(
+        torch.randn(labels.numel(), 4, generator=gen, dtype=torch.float64), dim=1
+    )
     return emb, labels
 
 
 def to_matrix(table, batch_size: int) -> torch.Tensor:
     grad = torch.zeros(batch_size, batch_size, dtype=torch.float64)
-    grad[table["query"].to_numpy(), table["item"].to_numpy()] = torch.tensor(table["grad"].to_numpy().copy())
+    grad[table["query"].to_numpy().copy(), table["item"].to_numpy().copy()] = torch.tensor(
+        table["grad"].to_numpy().copy()
+    )
     return grad
 
 
@@ -31,7 +35,9 @@ def test_smooth_ap_matches_finite_differences():
         plus, minus = sims.clone(), sims.clone()
         plus[row.query, row.item] += step
         minus[row.query, row.item] -= step
-        numeric = (loss.forward_similarities(plus, labels) - loss.forward_similarities(minus, labels)) / (2 * step)
+        numeric = (loss.forward_similarities(plus, labels) - loss.forward_similarities(minus, labels)) / (
+            2 * step
+        )
         assert abs(row.grad - numeric.item()) < 1e-8
 
 

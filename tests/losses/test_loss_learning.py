@@ -54,4 +54,6 @@ def test_loss_raises_held_out_recall(name):
         after = recall_at_1(embed(model, test_x).numpy(), test_y.numpy())
     chance = 7 / (20 * 8 - 1)
     assert before < 0.4, f"task too easy before training: {before:.2f}"
-    assert after > max(0.8, before + 0.4), f"{name}: recall@1 {before:.2f} -> {after:.2f} (chance {chance:.2f})"
+    assert after > max(0.8, before + 0.4), (
+        f"{name}: recall@1 {before:.2f} -> {after:.2f} (chance {chance:.2f})"
+    )

@@ -11,7 +11,9 @@ from losses import get_loss
 from losses.smooth_ap import SmoothAP
 
 
-def brute_force_loss(emb: torch.Tensor, labels: torch.Tensor, temperature: float, include_self: bool) -> float:
+def brute_force_loss(
+    emb: torch.Tensor, labels: torch.Tensor, temperature: float, include_self: bool
+) -> float:
     """1 - mean AP_q straight from the definition, one Python loop per sum."""
     sims = (emb.double() @ emb.double().T).tolist()
     labels = labels.tolist()
@@ -80,7 +82,9 @@ def test_matches_pml_where_pml_is_right(classes):
     """PML groups by the wrong axis unless samples per class == number of classes; check that case."""
     gen = torch.Generator().manual_seed(classes)
     labels = torch.repeat_interleave(torch.arange(classes), classes)  # contiguous equal blocks, as PML needs
-    emb = torch.nn.functional.normalize(torch.randn(labels.numel(), 5, generator=gen, dtype=torch.float64), dim=1)
+    emb = torch.nn.functional.normalize(
+        torch.randn(labels.numel(), 5, generator=gen, dtype=torch.float64), dim=1
+    )
     ours_in, pml_in = emb.clone().requires_grad_(True), emb.clone().requires_grad_(True)
     ours = SmoothAP(temperature=0.05, include_self=True)(ours_in, labels)
     theirs = SmoothAPLoss(temperature=0.05)(pml_in, labels)

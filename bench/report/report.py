@@ -1,0 +1,223 @@
+"""The two report commands as library calls: `make_report` (tables and figures) and `make_grad_report`.
+
+Both read the stores only, render everything into a fresh staging folder beside `out_dir`, and move the files
+into `out_dir` only when all of them were written: a failure leaves `out_dir` as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from bench.report import figures, gradients, runs, tables  # noqa: E402
+from bench.report.runs import REFERENCE_LOSS, ReportError  # noqa: E402
+
+log = logging.getLogger(__name__)
+ABLATION_METRIC = "map_at_r"
+DEFAULT_OPTUNA = "sqlite:///results/optuna.db"
+
+
+def open_store(tracking_uri: str | None) -> tuple[MlflowClient, str]:
+    """A client on an existing store; a missing SQLite file is an error, never silently created."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///results/mlflow.db"
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        raise ReportError(f"no MLflow store at {uri} (file {uri[len('sqlite:///'):]} does not exist)")
+    return MlflowClient(tracking_uri=uri), uri
+
+
+@contextmanager
+def staged(out_dir: Path) -> Iterator[tuple[Path, list[Path]]]:
+    """Yield (staging folder, list to fill with written paths); on success move them into `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-staging-", dir=out_dir.parent))
+    written: list[Path] = []
+    try:
+        yield stage, written
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for i, path in enumerate(written):
+            target = out_dir / path.relative_to(stage)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+            written[i] = target
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(text))
+
+
+def _write(stage: Path, written: list[Path], name: str, text: str) -> None:
+    path = stage / name
+    path.write_text(text)
+    written.append(path)
+
+
+def _save(stage: Path, written: list[Path], fig, stem: str, data: pd.DataFrame | None = None) -> None:
+    written.extend(figures.save_figure(fig, stage, stem, data))
+
+
+def make_report(tracking_uri: str | None, experiment: str, out_dir: str | Path,
+                optuna_storage: str | None = DEFAULT_OPTUNA, device: str = "cpu",
+                retrieval_queries: int = 6) -> list[Path]:
+    """Tables and figures of `experiment`'s final, tuning and ablation runs; returns the files written.
+
+    Raises ReportError (writing nothing) when the store, the experiment or its final runs are missing.
+    """
+    client, uri = open_store(tracking_uri)
+    final = runs.final_runs(client, experiment, uri)
+    with staged(Path(out_dir)) as (stage, written):
+        for dataset, part in final.groupby("dataset", sort=True):
+            summary, metrics = tables.comparison_table(part)
+            name = _slug(dataset)
+            _write(stage, written, f"comparison_{name}.md", tables.to_markdown(summary, metrics))
+            _write(stage, written, f"comparison_{name}.tex", tables.to_latex(summary, metrics))
+            _write(stage, written, f"comparison_{name}.csv", tables.to_csv(summary))
+            _save(stage, written, figures.recall_figure(summary, metrics, str(dataset)), f"recall_at_k_{name}")
+            history = runs.metric_histories(client, part, "val/map_at_r")
+            if len(history):
+                fig, data = figures.curves_figure(history, "validation MAP@R",
+                                                  f"{dataset}: validation MAP@R (band: min–max over seeds)")
+                _save(stage, written, fig, f"val_map_at_r_{name}", data)
+        _optuna_figures(stage, written, optuna_storage, experiment)
+        _ablation_outputs(stage, written, runs.ablation_runs(client, experiment, uri))
+        _retrieval_figure(stage, written, client, final, device, retrieval_queries)
+    return written
+
+
+def _optuna_figures(stage: Path, written: list[Path], storage: str | None, experiment: str) -> None:
+    studies = runs.optuna_studies(storage, experiment) if storage else {}
+    if not studies:
+        log.warning("no Optuna studies %s-<loss> in %s: tuning figures skipped", experiment, storage)
+    for loss, study in studies.items():
+        fig, data = figures.optuna_figure(study, loss)
+        _save(stage, written, fig, f"optuna_{_slug(loss)}", data)
+    if REFERENCE_LOSS in studies:
+        trials = runs.trials_frame(studies[REFERENCE_LOSS])
+        param = next((c for c in trials.columns if str(c).endswith("temperature")), None)
+        if param is None:
+            log.warning("the %s study does not tune a temperature: temperature figure skipped", REFERENCE_LOSS)
+        else:
+            fig, data = figures.temperature_figure(trials, param)
+            _save(stage, written, fig, "smooth_ap_temperature", data)
+
+
+def _ablation_outputs(stage: Path, written: list[Path], ablations: pd.DataFrame) -> None:
+    if ablations.empty:
+        return
+    column = f"test/{ABLATION_METRIC}"
+    ablations = ablations[ablations["param"].notna() & ablations.get(column, pd.Series(dtype=float)).notna()]
+    keys = ["param", "param2"] if ablations["param2"].notna().any() else ["param"]
+    for key, part in ablations.groupby(keys, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        stem = "ablation_" + "_x_".join(_slug(k) for k in key if isinstance(k, str))
+        table = tables.ablation_table(part, ABLATION_METRIC)
+        _write(stage, written, f"{stem}.md", tables.ablation_markdown(table, ABLATION_METRIC))
+        _write(stage, written, f"{stem}.csv", tables.to_csv(table))
+        _save(stage, written, figures.ablation_figure(table, ABLATION_METRIC), stem)
+
+
+def _checkpoints(client: MlflowClient, final: pd.DataFrame, into: Path) -> dict[str, Path]:
+    """Per loss, the checkpoint of its lowest-seed final run that logged one."""
+    found: dict[str, Path] = {}
+    for row in final.sort_values("seed", kind="stable").itertuples():
+        if row.loss not in found:
+            path = runs.download_checkpoint(client, row.run_id, into / row.run_id)
+            if path is not None:
+                found[row.loss] = path
+    return found
+
+
+def retrieval_from_runs(client: MlflowClient, final: pd.DataFrame, device: str = "cpu",
+                        queries: int = 6) -> tuple[Figure, pd.DataFrame] | None:
+    """Retrieval examples on the test split from Smooth-AP's checkpoint (else another loss's); None without any."""
+    from bench.data import load_dataset
+    from bench.train import model_from_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoints = _checkpoints(client, final, Path(tmp))
+        if not checkpoints:
+            return None
+        loss = REFERENCE_LOSS if REFERENCE_LOSS in checkpoints else sorted(checkpoints)[0]
+        model, exp = model_from_checkpoint(checkpoints[loss])
+    split = next(s for s in load_dataset(exp.data).tests if s.name == "test")
+    fig, data = figures.retrieval_examples(model, split, n_queries=queries, device=device)
+    data.insert(0, "loss", loss)
+    return fig, data
+
+
+def _retrieval_figure(stage: Path, written: list[Path], client: MlflowClient, final: pd.DataFrame, device: str,
+                      queries: int) -> None:
+    result = retrieval_from_runs(client, final, device, queries)
+    if result is None:
+        log.warning("no final run logged a checkpoint artifact: retrieval examples skipped")
+        return
+    fig, data = result
+    _save(stage, written, fig, f"retrieval_examples_{_slug(data['loss'].iloc[0])}", data)
+
+
+def rank_profile_from_runs(client: MlflowClient, final: pd.DataFrame, seed: int = 0) -> pd.DataFrame | None:
+    """Mean |dL/ds| by rank for every loss of `final`, on one real training batch, from the initial network
+    (build_model with the runs' seed) and from each loss's trained checkpoint. None when no run has a checkpoint.
+    """
+    from bench.data import load_dataset
+    from bench.models import build_model
+    from bench.train import model_from_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoints = _checkpoints(client, final, Path(tmp))
+        trained = {loss: model_from_checkpoint(path) for loss, path in checkpoints.items()}
+    if not trained:
+        return None
+    _, exp = next(iter(trained.values()))
+    per_class = exp.data.samples_per_class
+    images, labels = gradients.sample_batch(load_dataset(exp.data).train, exp.data.batch_size // per_class,
+                                            per_class, seed)
+    initial = build_model(exp.model, int(images.shape[1]), exp.train.seed)
+    frames = []
+    for loss in loss_order(final):
+        params = final[final["loss"] == loss].sort_values("seed")["loss_params"].iloc[0]
+        frames.append(gradients.similarity_gradients(loss, params, initial, images, labels, "initial"))
+        if loss in trained:
+            frames.append(gradients.similarity_gradients(loss, params, trained[loss][0], images, labels, "trained"))
+    return gradients.rank_profile(pd.concat(frames, ignore_index=True))
+
+
+def loss_order(final: pd.DataFrame) -> list[str]:
+    """Smooth-AP first, then the other losses by registry name."""
+    return sorted(final["loss"].unique(), key=lambda name: (name != REFERENCE_LOSS, name))
+
+
+def make_grad_report(tracking_uri: str | None, experiment: str, out_dir: str | Path, seed: int = 0) -> list[Path]:
+    """Figure 2 (step vs sigmoids), |dL/ds| against rank per loss (initial and trained model, one real batch),
+    and the embedding-gradient norm over training; each figure with its data as CSV. Returns the files written.
+    The analysis is one batch per loss, so it runs on the CPU.
+    """
+    client, uri = open_store(tracking_uri)
+    final = runs.final_runs(client, experiment, uri)
+    with staged(Path(out_dir)) as (stage, written):
+        fig, data = gradients.sigmoid_figure()
+        _save(stage, written, fig, "sigmoid_vs_step", data)
+        profile = rank_profile_from_runs(client, final, seed)
+        if profile is None:
+            log.warning("no final run logged a checkpoint artifact: gradient-by-rank figure skipped")
+        else:
+            _save(stage, written, gradients.rank_gradient_figure(profile, loss_order(final)), "grad_by_rank", profile)
+        history = runs.metric_histories(client, final, "train/grad_norm")
+        if len(history):
+            fig, data = gradients.grad_norm_figure(history)
+            _save(stage, written, fig, "grad_norm", data)
+    return written

@@ -1,0 +1,139 @@
+"""Read what the report needs from the stores: final and ablation runs from MLflow, trials from Optuna.
+
+Everything is returned as plain pandas frames, so tables and figures never talk to MLflow themselves and tests
+can check them against numbers read back independently.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from mlflow.entities import Run  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+REFERENCE_LOSS = "smooth_ap"
+RUN_COLUMNS = ["run_id", "loss", "dataset", "seed"]
+
+
+class ReportError(ValueError):
+    """The store holds nothing a report can be made from; the message says what is missing and where."""
+
+
+def experiment_id(client: MlflowClient, experiment: str, uri: str) -> str:
+    """The id of `experiment`, or a ReportError naming the experiments the store does have."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise ReportError(
+            f"experiment {experiment!r} not found in the MLflow store {uri}; "
+            f"it has: {', '.join(names) if names else 'no experiments'}"
+        )
+    return found.experiment_id
+
+
+def search(client: MlflowClient, experiment_ids: list[str], filter_string: str) -> list[Run]:
+    """Every finished run matching `filter_string` (all pages)."""
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = client.search_runs(experiment_ids, f"{filter_string} and attributes.status = 'FINISHED'",
+                                  max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _row(run: Run) -> dict:
+    params, tags = run.data.params, run.data.tags
+    loss = params.get("loss") or tags.get("loss") or params.get("loss.name")
+    seed = params.get("seed", params.get("train.seed"))
+    row = {"run_id": run.info.run_id, "loss": loss, "dataset": params.get("dataset") or params.get("data.name"),
+           "seed": int(seed) if seed is not None else None}
+    row["loss_params"] = {k[len("loss.params.") :]: yaml.safe_load(v) for k, v in params.items()
+                          if k.startswith("loss.params.")}
+    row.update(run.data.metrics)
+    return row
+
+
+def final_runs(client: MlflowClient, experiment: str, uri: str = "") -> pd.DataFrame:
+    """One row per finished `stage=final` run: run_id, loss, dataset, seed and every metric's last value."""
+    runs = search(client, [experiment_id(client, experiment, uri)], "tags.stage = 'final'")
+    if not runs:
+        raise ReportError(
+            f"experiment {experiment!r} in {uri or 'the MLflow store'} has no finished runs tagged stage=final; "
+            "run `smoothap-bench tune` (or `smoothap-bench run`) first"
+        )
+    frame = pd.DataFrame([_row(run) for run in runs])
+    missing = frame[frame["loss"].isna()]
+    if len(missing):
+        raise ReportError(f"final runs without a `loss` param: {', '.join(missing['run_id'])}")
+    return frame.sort_values(["dataset", "loss", "seed"], kind="stable").reset_index(drop=True)
+
+
+def ablation_runs(client: MlflowClient, experiment: str, uri: str = "") -> pd.DataFrame:
+    """One row per finished `stage=ablation` run with `param`, `value` (and `param2`, `value2` for a 2-D grid).
+
+    Values are parsed as floats where they are numbers, so sweeps plot on a numeric axis.
+    """
+    runs = search(client, [experiment_id(client, experiment, uri)], "tags.stage = 'ablation'")
+    rows = []
+    for run in runs:
+        row = _row(run)
+        params = run.data.params
+        for suffix in ("", "2"):
+            row[f"param{suffix}"] = params.get(f"ablation.param{suffix}")
+            row[f"value{suffix}"] = _number(params.get(f"ablation.value{suffix}"))
+        rows.append(row)
+    return pd.DataFrame(rows, columns=None if rows else [*RUN_COLUMNS, "param", "value", "param2", "value2"])
+
+
+def _number(text: str | None) -> float | str | None:
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def metric_histories(client: MlflowClient, runs: pd.DataFrame, key: str) -> pd.DataFrame:
+    """Per-step values of metric `key` for every run in `runs`: columns loss, dataset, seed, run_id, step, value."""
+    rows = []
+    for run in runs.itertuples():
+        for metric in client.get_metric_history(run.run_id, key):
+            rows.append({"loss": run.loss, "dataset": run.dataset, "seed": run.seed, "run_id": run.run_id,
+                         "step": metric.step, "value": metric.value})
+    return pd.DataFrame(rows, columns=["loss", "dataset", "seed", "run_id", "step", "value"])
+
+
+def download_checkpoint(client: MlflowClient, run_id: str, dst: Path) -> Path | None:
+    """The run's `checkpoint/last.pt` artifact copied under `dst`, or None when the run logged none."""
+    names = {a.path for a in client.list_artifacts(run_id, "checkpoint")}
+    if "checkpoint/last.pt" not in names:
+        return None
+    dst.mkdir(parents=True, exist_ok=True)
+    return Path(client.download_artifacts(run_id, "checkpoint/last.pt", str(dst)))
+
+
+def optuna_studies(storage: str, experiment: str) -> dict[str, object]:
+    """The Optuna studies `<experiment>-<loss>` in `storage`, keyed by loss; empty when the storage has none."""
+    import optuna
+
+    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///") :]).is_file():
+        return {}  # don't let Optuna create an empty database file as a side effect
+    prefix = f"{experiment}-"
+    names = [n for n in optuna.study.get_all_study_names(storage) if n.startswith(prefix)]
+    return {n[len(prefix) :]: optuna.load_study(study_name=n, storage=storage) for n in sorted(names)}
+
+
+def trials_frame(study) -> pd.DataFrame:
+    """A study's trials: number, state, value, and one column per parameter (named by its config key)."""
+    rows = [{"number": t.number, "state": t.state.name, "value": t.value, **t.params} for t in study.trials]
+    return pd.DataFrame(rows, columns=None if rows else ["number", "state", "value"])
