@@ -76,8 +76,11 @@ def _value_text(exp: Experiment, key: str) -> str:
 
 def fingerprint(exp: Experiment, swept: Sequence[str]) -> str:
     """Hash of every setting that is neither swept nor per-seed: a cell run under other fixed settings is not reused."""
-    fixed = {k: v for k, v in exp.flat().items()
-             if k not in swept and not any(k == p or k.startswith(p) for p in _UNFINGERPRINTED)}
+    fixed = {
+        k: v
+        for k, v in exp.flat().items()
+        if k not in swept and not any(k == p or k.startswith(p) for p in _UNFINGERPRINTED)
+    }
     return hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -85,7 +88,9 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=,-]+", "_", text)
 
 
-def plan(exp: Experiment, grid: dict[str, Sequence[Any]], seeds: Sequence[int]) -> list[tuple[Experiment, dict]]:
+def plan(
+    exp: Experiment, grid: dict[str, Sequence[Any]], seeds: Sequence[int]
+) -> list[tuple[Experiment, dict]]:
     """Every (cell, seed) as its experiment and its tags; bad keys or values fail here, before any training."""
     if not 1 <= len(grid) <= 2:
         raise ConfigError(f"an ablation sweeps one or two parameters, got {len(grid)}")
@@ -101,15 +106,24 @@ def plan(exp: Experiment, grid: dict[str, Sequence[Any]], seeds: Sequence[int]) 
         for i, key in enumerate(keys):
             suffix = "" if i == 0 else str(i + 1)
             tags[f"ablation.param{suffix}"], tags[f"ablation.value{suffix}"] = key, texts[key]
-        folder = Path(exp.train.checkpoint_dir) / "ablation" / _slug(",".join(f"{k}={v}" for k, v in texts.items()))
+        folder = (
+            Path(exp.train.checkpoint_dir)
+            / "ablation"
+            / _slug(",".join(f"{k}={v}" for k, v in texts.items()))
+        )
         for seed in seeds:
-            cells.append((with_overrides(base, {"train.seed": seed, "train.checkpoint_dir": str(folder)}), tags))
+            cells.append(
+                (with_overrides(base, {"train.seed": seed, "train.checkpoint_dir": str(folder)}), tags)
+            )
     return cells
 
 
 def _finished(tracker: Tracker, exp: Experiment, tags: dict[str, str]):
     conditions = [f"tags.`{k}` = '{v}'" for k, v in tags.items()] + [
-        f"params.loss = '{exp.loss.name}'", f"params.seed = '{exp.train.seed}'", "attributes.status = 'FINISHED'"]
+        f"params.loss = '{exp.loss.name}'",
+        f"params.seed = '{exp.train.seed}'",
+        "attributes.status = 'FINISHED'",
+    ]
     runs = tracker.client.search_runs([tracker.experiment_id], " and ".join(conditions), max_results=1)
     return runs[0] if runs else None
 
@@ -141,15 +155,29 @@ def ablate(
         resume = checkpoint.is_file() and not load_checkpoint(checkpoint).get("finished", False)
         started = time.perf_counter()
         label = ", ".join(f"{k}={v}" for k, v in values.items())
-        result = train_and_evaluate(cexp, tracker, device=device, resume=resume, run_name=f"ablation {label} "
-                                    f"seed{cexp.train.seed}", tags=tags, bundle=bundle, progress=False)
+        result = train_and_evaluate(
+            cexp,
+            tracker,
+            device=device,
+            resume=resume,
+            run_name=f"ablation {label} seed{cexp.train.seed}",
+            tags=tags,
+            bundle=bundle,
+            progress=False,
+        )
         tracker.log_params(result.run_id, {k: v for k, v in tags.items() if k.startswith("ablation.")})
         results.append(Cell(values, cexp.train.seed, result.run_id, result.test_metrics, False))
         durations.append(time.perf_counter() - started)
         if log:
             left = sum(durations) / len(durations) * (len(cells) - index - 1)
-            val = result.val_history[-1].get("val/map_at_r", float("nan")) if result.val_history else float("nan")
-            log(f"[ablate] {label} seed {cexp.train.seed} ({index + 1}/{len(cells)}): val MAP@R {val:.4f} | "
+            val = (
+                result.val_history[-1].get("val/map_at_r", float("nan"))
+                if result.val_history
+                else float("nan")
+            )
+            log(
+                f"[ablate] {label} seed {cexp.train.seed} ({index + 1}/{len(cells)}): val MAP@R {val:.4f} | "
                 f"test MAP@R {result.test_metrics.get('test/map_at_r', float('nan')):.4f} | "
-                f"{format_seconds(durations[-1])} | ~{format_seconds(left)} left")
+                f"{format_seconds(durations[-1])} | ~{format_seconds(left)} left"
+            )
     return results

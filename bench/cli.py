@@ -80,6 +80,64 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune_experiment(args: argparse.Namespace):
+    """The config with the tuning shortcuts applied (--trials, --storage, --final-seeds)."""
+    for flag, key in (("trials", "tune.trials"), ("storage", "tune.storage"), ("final_seeds", "tune.final_seeds")):
+        if getattr(args, flag, None) is not None:
+            args.overrides.append(f"{key}={getattr(args, flag)}")
+    return experiment_from_args(args)
+
+
+def _loss_list(text: str | None) -> list[str]:
+    import losses
+
+    names = [n.strip() for n in text.split(",")] if text else losses.available_losses()
+    for name in names:
+        losses.get_spec(name)  # unknown names fail here with the list of known ones
+    return names
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from bench.data import load_dataset
+    from bench.report.console import metrics_table
+    from bench.tune import budget_report, run_finals, tune_losses
+
+    exp = _tune_experiment(args)
+    names = _loss_list(args.losses)
+    tracker = make_tracker(args, exp)
+    bundle = load_dataset(exp.data)
+    studies = tune_losses(exp, names, tracker=tracker, storage=exp.tune.storage, study_name_override=args.study_name,
+                          timeout=args.timeout, device=args.device, bundle=bundle)
+    print(budget_report(exp.tune.storage, exp.name, names).to_string(index=False)
+          if not args.study_name else studies[names[0]])
+    if args.no_final or exp.tune.final_seeds == 0 or not all(s.done for s in studies.values()):
+        return 0
+    rows = {}
+    for name in names:
+        finals = run_finals(exp, name, tracker=tracker, storage=exp.tune.storage, device=args.device, bundle=bundle,
+                            study=args.study_name)
+        keys = set.intersection(*(set(f.test_metrics) for f in finals))
+        rows[name] = {k: sum(f.test_metrics[k] for f in finals) / len(finals) for k in keys}
+    print(f"mean over {exp.tune.final_seeds} final seeds:")
+    print(metrics_table(rows))
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from bench.ablate import ablate, parse_values
+
+    exp = experiment_from_args(args)
+    grid = {args.param: parse_values(args.values)}
+    if args.param2:
+        if not args.values2:
+            raise ValueError("--param2 needs --values2")
+        grid[args.param2] = parse_values(args.values2)
+    cells = ablate(exp, grid, tracker=make_tracker(args, exp), seeds=args.seeds, device=args.device)
+    print(f"{len(cells)} runs ({sum(c.skipped for c in cells)} already finished) in "
+          f"{exp.tracking.experiment!r}, tagged stage=ablation")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from bench.report import make_report
 
@@ -192,6 +250,37 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue an interrupted run from its last checkpoint (default path: "
                             "<train.checkpoint_dir>/<experiment>/<loss>-seed<seed>/last.pt)")
     train.set_defaults(handler=cmd_train)
+
+    tune = commands.add_parser("tune", help="Optuna study per loss on an equal budget, then final seeds",
+                               description="One study <experiment>-<loss> per loss (TPE, seeded; pruning on "
+                                           "validation MAP@R), each to the same number of finished trials; then "
+                                           "each loss's best setting retrained with S seeds and tested once. "
+                                           "Re-run the same command to continue; start it several times to add "
+                                           "workers (pass --no-final to all but one).")
+    add_experiment_options(tune, loss=False)
+    tune.add_argument("--losses", help="comma-separated registry names (default: every registered loss)")
+    tune.add_argument("--trials", type=int, help="finished trials per loss (default: the config's tune.trials)")
+    tune.add_argument("--timeout", type=float, metavar="S",
+                      help="start no new trial after S seconds (losses take turns, so budgets stay level)")
+    tune.add_argument("--storage", help="Optuna RDB URL (default: the config's tune.storage, "
+                                        "sqlite:///results/optuna.db; PostgreSQL for workers on several machines)")
+    tune.add_argument("--study-name", help="study name for a single loss (default: <experiment>-<loss>)")
+    tune.add_argument("--final-seeds", type=int, help="final seeds per loss (default: the config's tune.final_seeds)")
+    tune.add_argument("--no-final", action="store_true", help="tune only; skip the final seed runs")
+    tune.set_defaults(handler=cmd_tune)
+
+    ablation = commands.add_parser("ablate", help="grid over one or two parameters x seeds, everything else fixed",
+                                   description="Train every value (pair) of the swept parameter(s) with each seed; "
+                                               "runs tagged stage=ablation. Finished cells are skipped on re-run.")
+    add_experiment_options(ablation)
+    ablation.add_argument("--param", required=True,
+                          help="config key to sweep, e.g. loss.temperature (= loss.params.temperature), "
+                               "data.batch_size, data.samples_per_class, model.embedding_dim")
+    ablation.add_argument("--values", required=True, help="comma-separated values, e.g. 0.001,0.01,0.1,1")
+    ablation.add_argument("--param2", help="second swept key (a 2-D grid)")
+    ablation.add_argument("--values2", help="values of --param2")
+    ablation.add_argument("--seeds", type=int, default=3, help="seeds per cell: train.seed, +1, ... (default: 3)")
+    ablation.set_defaults(handler=cmd_ablate)
 
     report = commands.add_parser("report", help="comparison tables and figures from the MLflow and Optuna stores",
                                  description="Read the final, tuning and ablation runs of an experiment and write "

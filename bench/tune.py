@@ -14,6 +14,7 @@ by (sampler seed, trial number): runs are reproducible and parallel workers neve
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -35,7 +36,13 @@ from bench.config import ConfigError, Experiment, experiment_from_dict
 from bench.data import DatasetBundle, EvalSplit, load_dataset
 from bench.data.splits import class_folds
 from bench.tracking import Tracker
-from bench.train import NonFiniteLossError, RunResult, default_checkpoint_path, load_checkpoint, train_and_evaluate
+from bench.train import (
+    NonFiniteLossError,
+    RunResult,
+    default_checkpoint_path,
+    load_checkpoint,
+    train_and_evaluate,
+)
 
 HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats
 GRACE_PERIOD = 60  # a RUNNING trial without a heartbeat for this long belongs to a dead worker
@@ -70,8 +77,12 @@ def open_storage(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
-                                                  heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                )
         except Exception as error:  # sqlalchemy's OperationalError / IntegrityError during table creation
             last_error = error
             time.sleep(0.5 * (attempt + 1))
@@ -151,11 +162,22 @@ def suggest_overrides(trial: optuna.Trial, exp: Experiment) -> dict[str, Any]:
 
 
 def describe_space(exp: Experiment) -> dict[str, str]:
-    """The search space as Optuna distribution JSON, recorded in the study so budgets and spaces can be audited."""
+    """The search space as Optuna distribution JSON, recorded in the study so budgets and spaces can be audited.
+
+    Drawing one probe point also checks every key and value against the config before any trial starts.
+    """
     probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     trial = probe.ask()
-    suggest_overrides(trial, exp)
+    with_overrides(exp, suggest_overrides(trial, exp))
     return {name: distribution_to_json(dist) for name, dist in sorted(trial.distributions.items())}
+
+
+def recipe_fingerprint(exp: Experiment, space: dict[str, Any]) -> str:
+    """Hash of the fixed settings every trial of a study shares (all but the tuned keys, budget and stores)."""
+    tuned = set(space) | {f"loss.params.{name}" for name in space}
+    skip = ("tune.trials", "tune.final_seeds", "tune.storage", "tracking.", "train.checkpoint_dir")
+    fixed = {k: v for k, v in exp.flat().items() if k not in tuned and not k.startswith(skip)}
+    return hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class TrialSeededTPE(optuna.samplers.BaseSampler):
@@ -176,8 +198,9 @@ class TrialSeededTPE(optuna.samplers.BaseSampler):
             seed = int(np.random.SeedSequence([self.seed, trial.number]).generate_state(1)[0])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                tpe = optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.n_startup_trials,
-                                                 constant_liar=True)
+                tpe = optuna.samplers.TPESampler(
+                    seed=seed, n_startup_trials=self.n_startup_trials, constant_liar=True
+                )
             self._current = (trial.number, tpe)
         return self._current[1]
 
@@ -261,7 +284,9 @@ class LossStudy:
         if exp.tune.cv_folds < 1:
             raise ConfigError(f"tune.cv_folds must be at least 1, got {exp.tune.cv_folds}")
         if exp.tune.cv_folds == 1 and bundle.val is None:
-            raise ConfigError("tuning needs validation classes: set data.val_fraction > 0 (or tune.cv_folds > 1)")
+            raise ConfigError(
+                "tuning needs validation classes: set data.val_fraction > 0 (or tune.cv_folds > 1)"
+            )
         self.exp = with_overrides(exp, {"train.epochs": exp.tune.epochs or exp.train.epochs})
         self.loss = exp.loss.name
         self.name = name or study_name(exp.name, self.loss)
@@ -276,11 +301,14 @@ class LossStudy:
         pruner = pruner or make_pruner(exp.tune.pruner, self.budget, self.steps)
         self.space = describe_space(self.exp)
         try:
-            self.study = optuna.create_study(storage=storage, study_name=self.name, direction="maximize",
-                                             sampler=sampler, pruner=pruner)
+            self.study = optuna.create_study(
+                storage=storage, study_name=self.name, direction="maximize", sampler=sampler, pruner=pruner
+            )
             created = True
         except optuna.exceptions.DuplicatedStudyError:
-            self.study = optuna.load_study(study_name=self.name, storage=storage, sampler=sampler, pruner=pruner)
+            self.study = optuna.load_study(
+                study_name=self.name, storage=storage, sampler=sampler, pruner=pruner
+            )
             created = False
         self._record_setup(created)
         self.parent_run_id = self._parent_run(created) if tracker is not None else None
@@ -293,9 +321,24 @@ class LossStudy:
                 f"study {self.name!r} in this storage was tuned over a different search space "
                 f"({sorted(stored)} vs {sorted(self.space)}); pass another --study-name or delete the study"
             )
-        setup = {"loss": self.loss, "experiment": self.exp.name, "budget": self.budget, "search_space": self.space,
-                 "sampler": "TPE", "sampler_seed": self.exp.tune.sampler_seed, "pruner": self.exp.tune.pruner,
-                 "epochs": self.exp.train.epochs, "cv_folds": self.exp.tune.cv_folds}
+        recipe = recipe_fingerprint(self.exp, self.space)
+        if not created and attrs.get("recipe") not in (None, recipe):
+            raise ConfigError(
+                f"study {self.name!r} in this storage was tuned with other fixed settings (data, model, epochs, "
+                "...); its trials would not be comparable: pass another --study-name or delete the study"
+            )
+        setup = {
+            "recipe": recipe,
+            "loss": self.loss,
+            "experiment": self.exp.name,
+            "budget": self.budget,
+            "search_space": self.space,
+            "sampler": "TPE",
+            "sampler_seed": self.exp.tune.sampler_seed,
+            "pruner": self.exp.tune.pruner,
+            "epochs": self.exp.train.epochs,
+            "cv_folds": self.exp.tune.cv_folds,
+        }
         for key, value in setup.items():
             if attrs.get(key) != value:
                 self.study.set_user_attr(key, value)
@@ -309,16 +352,27 @@ class LossStudy:
             time.sleep(0.5)
             waited += 0.5
             run_id = optuna.load_study(study_name=self.name, storage=self.study._storage).user_attrs.get(
-                "mlflow_parent_run_id")
+                "mlflow_parent_run_id"
+            )
         if run_id is not None and self._run_exists(run_id):
             if self.tracker.client.get_run(run_id).info.status != "RUNNING" and not self.summary().done:
                 self.tracker.resume_run(run_id)  # the budget was raised: the study is open again
             return run_id
         run_id = self.tracker.start_run(self.name, {"stage": "study", "study": self.name, "loss": self.loss})
-        self.tracker.log_params(run_id, {"loss": self.loss, "budget": self.budget, "sampler": "TPE",
-                                         "seed": self.exp.tune.sampler_seed, "pruner": self.exp.tune.pruner,
-                                         "cv_folds": self.exp.tune.cv_folds, "epochs": self.exp.train.epochs,
-                                         "dataset": self.exp.data.name, "search_space": json.dumps(self.space)})
+        self.tracker.log_params(
+            run_id,
+            {
+                "loss": self.loss,
+                "budget": self.budget,
+                "sampler": "TPE",
+                "seed": self.exp.tune.sampler_seed,
+                "pruner": self.exp.tune.pruner,
+                "cv_folds": self.exp.tune.cv_folds,
+                "epochs": self.exp.train.epochs,
+                "dataset": self.exp.data.name,
+                "search_space": json.dumps(self.space),
+            },
+        )
         self.study.set_user_attr("mlflow_parent_run_id", run_id)
         return run_id
 
@@ -340,9 +394,16 @@ class LossStudy:
         complete = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
         best = max(complete, key=lambda t: t.value) if complete else None
         return StudySummary(
-            self.loss, self.name, self.budget, counts[TrialState.COMPLETE], counts[TrialState.PRUNED],
-            counts[TrialState.FAIL], best.value if best else None,
-            dict(best.user_attrs.get("overrides", {})) if best else {}, best.number if best else None)
+            self.loss,
+            self.name,
+            self.budget,
+            counts[TrialState.COMPLETE],
+            counts[TrialState.PRUNED],
+            counts[TrialState.FAIL],
+            best.value if best else None,
+            dict(best.user_attrs.get("overrides", {})) if best else {},
+            best.number if best else None,
+        )
 
     def status(self) -> str:
         """`done` (budget finished), `wait` (the rest is running in other workers) or `open`."""
@@ -370,8 +431,14 @@ class LossStudy:
         if trial.user_attrs.get("surplus"):
             return None
         value = trial.value if trial.state == TrialState.COMPLETE else trial.user_attrs.get("last_value")
-        return TrialLine(self.loss, trial.number, trial.state.name, value, self.summary().best_value,
-                         time.perf_counter() - started)
+        return TrialLine(
+            self.loss,
+            trial.number,
+            trial.state.name,
+            value,
+            self.summary().best_value,
+            time.perf_counter() - started,
+        )
 
     def _objective(self, trial: optuna.Trial) -> float:
         self._number = trial.number
@@ -383,8 +450,9 @@ class LossStudy:
         overrides = suggest_overrides(trial, self.exp)
         trial.set_user_attr("overrides", overrides)
         workdir = self.checkpoint_root / f"trial-{trial.number}"
-        texp = with_overrides(self.exp, {**overrides, "train.checkpoint_dir": str(workdir),
-                                         "tracking.log_checkpoint": False})
+        texp = with_overrides(
+            self.exp, {**overrides, "train.checkpoint_dir": str(workdir), "tracking.log_checkpoint": False}
+        )
         tags = {"stage": "trial", "study": self.name, "trial": str(trial.number)}
         try:
             if self.exp.tune.cv_folds > 1:
@@ -398,9 +466,18 @@ class LossStudy:
             _report(trial, val[OBJECTIVE], epoch, last=epoch + 1 == texp.train.epochs)
 
         try:
-            result = train_and_evaluate(texp, self.tracker, device=self.device, epoch_callback=report,
-                                        evaluate_test=False, run_name=f"{self.name}-trial{trial.number}", tags=tags,
-                                        parent_run_id=self.parent_run_id, bundle=self.bundle, progress=False)
+            result = train_and_evaluate(
+                texp,
+                self.tracker,
+                device=self.device,
+                epoch_callback=report,
+                evaluate_test=False,
+                run_name=f"{self.name}-trial{trial.number}",
+                tags=tags,
+                parent_run_id=self.parent_run_id,
+                bundle=self.bundle,
+                progress=False,
+            )
         except optuna.TrialPruned:
             self._tag_trial_run(tags, "PRUNED")
             raise
@@ -418,21 +495,38 @@ class LossStudy:
         run_id = None
         if self.tracker is not None:
             run_id = self.tracker.start_run(f"{self.name}-trial{trial.number}", tags, self.parent_run_id)
-            self.tracker.log_params(run_id, {**_loggable(texp), "loss": texp.loss.name,
-                                             "dataset": texp.data.name, "seed": texp.train.seed})
+            self.tracker.log_params(
+                run_id,
+                {
+                    **_loggable(texp),
+                    "loss": texp.loss.name,
+                    "dataset": texp.data.name,
+                    "seed": texp.train.seed,
+                },
+            )
         scores: list[float] = []
         try:
             for fold, (train_idx, val_idx) in enumerate(folds):
-                fexp = with_overrides(texp, {"train.checkpoint_dir": f"{texp.train.checkpoint_dir}/fold-{fold}"})
+                fexp = with_overrides(
+                    texp, {"train.checkpoint_dir": f"{texp.train.checkpoint_dir}/fold-{fold}"}
+                )
                 result = train_and_evaluate(
-                    fexp, self.tracker, device=self.device, evaluate_test=False,
+                    fexp,
+                    self.tracker,
+                    device=self.device,
+                    evaluate_test=False,
                     run_name=f"{self.name}-trial{trial.number}-fold{fold}",
-                    tags={**tags, "stage": "cv_fold", "fold": str(fold)}, parent_run_id=run_id,
-                    bundle=fold_bundle(self.bundle, train_idx, val_idx, texp), progress=False)
+                    tags={**tags, "stage": "cv_fold", "fold": str(fold)},
+                    parent_run_id=run_id,
+                    bundle=fold_bundle(self.bundle, train_idx, val_idx, texp),
+                    progress=False,
+                )
                 scores.append(float(result.val_history[-1][OBJECTIVE]))
                 mean = float(np.mean(scores))
                 if self.tracker is not None:
-                    self.tracker.log_metrics(run_id, {OBJECTIVE: mean, "cv/fold_map_at_r": scores[-1]}, step=fold)
+                    self.tracker.log_metrics(
+                        run_id, {OBJECTIVE: mean, "cv/fold_map_at_r": scores[-1]}, step=fold
+                    )
                 _report(trial, mean, fold, last=fold + 1 == len(folds))
         except optuna.TrialPruned:
             if self.tracker is not None:
@@ -459,7 +553,8 @@ class LossStudy:
             return
         runs = self.tracker.client.search_runs(
             [self.tracker.experiment_id],
-            f"tags.study = '{tags['study']}' and tags.trial = '{tags['trial']}' and tags.stage = 'trial'")
+            f"tags.study = '{tags['study']}' and tags.trial = '{tags['trial']}' and tags.stage = 'trial'",
+        )
         for run in runs:
             self.tracker.set_tags(run.info.run_id, {"optuna.state": state})
 
@@ -467,12 +562,23 @@ class LossStudy:
         """When the budget is finished: best value and parameters onto the parent run, which then ends."""
         summary = self.summary()
         if self.tracker is not None and summary.done and summary.best_value is not None:
-            self.tracker.log_metrics(self.parent_run_id, {f"best/{OBJECTIVE.replace('/', '_')}": summary.best_value,
-                                                          "trials_complete": summary.complete,
-                                                          "trials_pruned": summary.pruned,
-                                                          "trials_failed": summary.failed})
-            self.tracker.set_tags(self.parent_run_id, {"best_trial": summary.best_trial, "budget": self.budget,
-                                                       **{f"best.{k}": v for k, v in summary.best_overrides.items()}})
+            self.tracker.log_metrics(
+                self.parent_run_id,
+                {
+                    f"best/{OBJECTIVE.replace('/', '_')}": summary.best_value,
+                    "trials_complete": summary.complete,
+                    "trials_pruned": summary.pruned,
+                    "trials_failed": summary.failed,
+                },
+            )
+            self.tracker.set_tags(
+                self.parent_run_id,
+                {
+                    "best_trial": summary.best_trial,
+                    "budget": self.budget,
+                    **{f"best.{k}": v for k, v in summary.best_overrides.items()},
+                },
+            )
             self.tracker.end_run(self.parent_run_id, "FINISHED")
         return summary
 
@@ -492,7 +598,9 @@ def _loggable(exp: Experiment) -> dict[str, Any]:
     return params
 
 
-def fold_bundle(bundle: DatasetBundle, train_idx: np.ndarray, val_idx: np.ndarray, exp: Experiment) -> DatasetBundle:
+def fold_bundle(
+    bundle: DatasetBundle, train_idx: np.ndarray, val_idx: np.ndarray, exp: Experiment
+) -> DatasetBundle:
     """Train on some training classes, validate on the held-out fold (no augmentation); never the test classes."""
     from bench.data.images import ImageList
     from bench.data.omniglot import TensorImages
@@ -502,9 +610,14 @@ def fold_bundle(bundle: DatasetBundle, train_idx: np.ndarray, val_idx: np.ndarra
     if isinstance(train, TensorImages):
         fold_train, fold_val = train.subset(train_idx), train.subset(val_idx, augment=False)
     elif isinstance(train, ImageList):
-        fold_train, fold_val = train.subset(train_idx), train.subset(val_idx, transform=make_transforms(exp.data)[1])
+        fold_train, fold_val = (
+            train.subset(train_idx),
+            train.subset(val_idx, transform=make_transforms(exp.data)[1]),
+        )
     else:
-        raise TypeError(f"tune.cv_folds > 1 needs a training set with .subset(); {type(train).__name__} has none")
+        raise TypeError(
+            f"tune.cv_folds > 1 needs a training set with .subset(); {type(train).__name__} has none"
+        )
     return DatasetBundle(bundle.name, fold_train, EvalSplit("val", fold_val), [], dict(bundle.info))
 
 
@@ -523,8 +636,10 @@ def _progress_line(line: TrialLine, done: int, budget: int, left_s: float | None
     best = "-" if line.best is None else f"{line.best:.4f}"
     state = "" if line.state == "COMPLETE" else f" ({line.state.lower()})"
     left = "?" if left_s is None else format_seconds(left_s)
-    return (f"[tune] {line.loss:<16} trial {line.number:>3} ({done}/{budget}): val MAP@R {value}{state} | "
-            f"best {best} | {format_seconds(line.seconds)} | ~{left} left")
+    return (
+        f"[tune] {line.loss:<16} trial {line.number:>3} ({done}/{budget}): val MAP@R {value}{state} | "
+        f"best {best} | {format_seconds(line.seconds)} | ~{left} left"
+    )
 
 
 def tune_losses(
@@ -555,8 +670,10 @@ def tune_losses(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     bundle = bundle or load_dataset(exp.data)
     rdb = open_storage(storage or exp.tune.storage, heartbeat_interval, grace_period)
-    studies = [LossStudy(for_loss(exp, loss), rdb, tracker, bundle, device=device, name=study_name_override)
-               for loss in loss_names]
+    studies = [
+        LossStudy(for_loss(exp, loss), rdb, tracker, bundle, device=device, name=study_name_override)
+        for loss in loss_names
+    ]
     deadline = None if timeout is None else time.monotonic() + timeout
     durations: list[float] = []
     while True:
@@ -578,8 +695,11 @@ def tune_losses(
             durations.append(line.seconds)
             summary = study.summary()
             left = sum(max(s.budget - s.summary().complete - s.summary().pruned, 0) for s in studies)
-            log(_progress_line(line, summary.complete + summary.pruned, study.budget,
-                               float(np.mean(durations)) * left))
+            log(
+                _progress_line(
+                    line, summary.complete + summary.pruned, study.budget, float(np.mean(durations)) * left
+                )
+            )
             states[study.loss] = study.status()
         if not ran:
             time.sleep(poll_s)  # the remaining trials belong to other workers (or to dead ones, until stale)
@@ -590,24 +710,44 @@ def budget_report(storage: str, experiment: str, loss_names: Sequence[str]) -> A
     """Per loss, the stored study's budget and its trials by state: shows that every loss had an equal budget."""
     import pandas as pd
 
-    rdb = open_storage(storage)
-    known = {s.study_name for s in optuna.get_all_study_summaries(rdb, include_best_trial=False)}
+    missing_file = storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///") :]).is_file()
+    rdb = None if missing_file else open_storage(storage)  # reading must not create an empty database
+    known = set() if rdb is None else set(optuna.get_all_study_names(rdb))
     rows = []
     for loss in loss_names:
         name = study_name(experiment, loss)
         if name not in known:
-            rows.append({"loss": loss, "study": name, "budget": None, "complete": 0, "pruned": 0, "failed": 0,
-                         "running": 0, "finished": 0, "best_value": None})
+            rows.append(
+                {
+                    "loss": loss,
+                    "study": name,
+                    "budget": None,
+                    "complete": 0,
+                    "pruned": 0,
+                    "failed": 0,
+                    "running": 0,
+                    "finished": 0,
+                    "best_value": None,
+                }
+            )
             continue
         study = optuna.load_study(study_name=name, storage=rdb)
         trials = study.get_trials(deepcopy=False)
         count = {state: sum(t.state == state for t in trials) for state in TrialState}
         values = [t.value for t in trials if t.state == TrialState.COMPLETE]
-        rows.append({"loss": loss, "study": name, "budget": study.user_attrs.get("budget"),
-                     "complete": count[TrialState.COMPLETE], "pruned": count[TrialState.PRUNED],
-                     "failed": count[TrialState.FAIL], "running": count[TrialState.RUNNING],
-                     "finished": count[TrialState.COMPLETE] + count[TrialState.PRUNED],
-                     "best_value": max(values) if values else None})
+        rows.append(
+            {
+                "loss": loss,
+                "study": name,
+                "budget": study.user_attrs.get("budget"),
+                "complete": count[TrialState.COMPLETE],
+                "pruned": count[TrialState.PRUNED],
+                "failed": count[TrialState.FAIL],
+                "running": count[TrialState.RUNNING],
+                "finished": count[TrialState.COMPLETE] + count[TrialState.PRUNED],
+                "best_value": max(values) if values else None,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -659,8 +799,15 @@ def run_finals(
     bundle = bundle or load_dataset(exp.data)
     results = []
     for seed in seeds if seeds is not None else final_seeds(exp):
-        fexp = with_overrides(base, {"train.seed": seed, "train.checkpoint_dir":
-                                     str(Path(exp.train.checkpoint_dir) / "final" / name / f"trial-{best.number}")})
+        fexp = with_overrides(
+            base,
+            {
+                "train.seed": seed,
+                "train.checkpoint_dir": str(
+                    Path(exp.train.checkpoint_dir) / "final" / name / f"trial-{best.number}"
+                ),
+            },
+        )
         tags = {"stage": "final", "study": name, "best_trial": str(best.number)}
         done = _finished_final(tracker, tags, seed)
         if done is not None:
@@ -670,14 +817,24 @@ def run_finals(
         resume = checkpoint.is_file() and not load_checkpoint(checkpoint).get("finished", False)
         started = time.perf_counter()
         result: RunResult = train_and_evaluate(
-            fexp, tracker, device=device, resume=resume, evaluate_test=True, run_name=f"{loss}-final-seed{seed}",
-            tags=tags, parent_run_id=parent if tracker is not None and _exists(tracker, parent) else None,
-            bundle=bundle, progress=False)
+            fexp,
+            tracker,
+            device=device,
+            resume=resume,
+            evaluate_test=True,
+            run_name=f"{loss}-final-seed{seed}",
+            tags=tags,
+            parent_run_id=parent if tracker is not None and _exists(tracker, parent) else None,
+            bundle=bundle,
+            progress=False,
+        )
         results.append(FinalRun(loss, seed, result.run_id, result.test_metrics, False))
         if log:
-            log(f"[final] {loss:<16} seed {seed}: test MAP@R {result.test_metrics.get('test/map_at_r', float('nan')):.4f}"
+            log(
+                f"[final] {loss:<16} seed {seed}: test MAP@R {result.test_metrics.get('test/map_at_r', float('nan')):.4f}"
                 f" | R@1 {result.test_metrics.get('test/recall_at_1', float('nan')):.4f} | "
-                f"{format_seconds(time.perf_counter() - started)}")
+                f"{format_seconds(time.perf_counter() - started)}"
+            )
     return results
 
 
@@ -697,7 +854,9 @@ def _finished_final(tracker: Tracker | None, tags: dict[str, str], seed: int):
     runs = tracker.client.search_runs(
         [tracker.experiment_id],
         f"tags.stage = 'final' and tags.study = '{tags['study']}' and tags.best_trial = '{tags['best_trial']}' "
-        f"and params.seed = '{seed}' and attributes.status = 'FINISHED'", max_results=1)
+        f"and params.seed = '{seed}' and attributes.status = 'FINISHED'",
+        max_results=1,
+    )
     return runs[0] if runs else None
 
 
@@ -710,6 +869,7 @@ class MainJobResult:
     finals: dict[str, list[FinalRun]]
     budgets: Any  # pandas DataFrame from budget_report
     complete: bool  # every study reached its budget and every loss has its final runs
+    report_files: list[Path] = field(default_factory=list)
 
 
 def run_main_job(
@@ -722,26 +882,55 @@ def run_main_job(
     timeout: float | None = None,
     bundle: DatasetBundle | None = None,
     log: Log | None = print,
-    after: Callable[[MainJobResult], Any] | None = None,
+    report_dir: str | Path | None = None,
+    after: Callable[[MainJobResult], list[Path]] | None = None,
 ) -> MainJobResult:
-    """Tune every loss on an equal budget, run the final seeds of each, then hand the result to `after`
-    (the report). Re-running continues where the previous command stopped."""
+    """Tune every loss on an equal budget, run each loss's final seeds, then write the report.
+
+    The report is `bench.report.make_report` into `report_dir` (default results/<tracking experiment>/) unless
+    `after(result) -> files` replaces it. Re-running continues where the previous command stopped.
+    """
     storage = storage or exp.tune.storage
     bundle = bundle or load_dataset(exp.data)
     started = time.perf_counter()
-    studies = tune_losses(exp, loss_names, tracker=tracker, storage=storage, timeout=timeout, device=device,
-                          bundle=bundle, log=log)
+    studies = tune_losses(
+        exp,
+        loss_names,
+        tracker=tracker,
+        storage=storage,
+        timeout=timeout,
+        device=device,
+        bundle=bundle,
+        log=log,
+    )
     finals: dict[str, list[FinalRun]] = {}
     if all(s.done for s in studies.values()):
         for loss in loss_names:
-            finals[loss] = run_finals(exp, loss, tracker=tracker, storage=storage, device=device, bundle=bundle,
-                                      log=log)
+            finals[loss] = run_finals(
+                exp, loss, tracker=tracker, storage=storage, device=device, bundle=bundle, log=log
+            )
     budgets = budget_report(storage, exp.name, loss_names)
     result = MainJobResult(studies, finals, budgets, complete=len(finals) == len(loss_names))
     if log:
         log(f"[run] tuning and final seeds took {format_seconds(time.perf_counter() - started)}")
-        if not result.complete:
+    if not result.complete:
+        if log:
             log("[run] not every study reached its budget: re-run the same command to continue")
-    if after is not None and result.complete:
-        after(result)
+        return result
+    if after is not None:
+        result.report_files = list(after(result))
+    else:
+        from bench.report import make_report
+        from bench.train import resolve_device
+
+        out = Path(report_dir or Path("results") / exp.tracking.experiment)
+        result.report_files = make_report(
+            tracker.uri,
+            exp.tracking.experiment,
+            out,
+            optuna_storage=storage,
+            device=resolve_device(device).type,
+        )
+        if log:
+            log(f"[run] report: {len(result.report_files)} files in {out}/")
     return result

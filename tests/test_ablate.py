@@ -20,7 +20,12 @@ def test_grid_runs_are_tagged_and_a_rerun_only_trains_unfinished_cells(tmp_path,
     bundle = tiny_bundle()
     grid = {"loss.temperature": parse_values("0.01,1e-1")}
     cells = ablate(exp, grid, tracker=tracker, seeds=2, device="cpu", bundle=bundle, log=None)
-    assert [(c.values["loss.params.temperature"], c.seed) for c in cells] == [(0.01, 0), (0.01, 1), (0.1, 0), (0.1, 1)]
+    assert [(c.values["loss.params.temperature"], c.seed) for c in cells] == [
+        (0.01, 0),
+        (0.01, 1),
+        (0.1, 0),
+        (0.1, 1),
+    ]
 
     runs = ablation_runs(tracker)
     assert len(runs) == 4
@@ -28,7 +33,9 @@ def test_grid_runs_are_tagged_and_a_rerun_only_trains_unfinished_cells(tmp_path,
     for run in runs:
         params = run.data.params
         assert params["ablation.param"] == "loss.params.temperature" and params["loss"] == "smooth_ap"
-        assert params["ablation.value"] == params["loss.params.temperature"]  # the value the model trained with
+        assert (
+            params["ablation.value"] == params["loss.params.temperature"]
+        )  # the value the model trained with
         assert "test/map_at_r" in run.data.metrics and run.info.status == "FINISHED"
         seen.add((float(params["ablation.value"]), int(params["seed"])))
     assert seen == {(0.01, 0), (0.01, 1), (0.1, 0), (0.1, 1)}
@@ -36,7 +43,9 @@ def test_grid_runs_are_tagged_and_a_rerun_only_trains_unfinished_cells(tmp_path,
     again = ablate(exp, grid, tracker=tracker, seeds=2, device="cpu", bundle=bundle, log=None)
     assert all(c.skipped for c in again) and len(ablation_runs(tracker)) == 4
 
-    broken = next(r for r in runs if r.data.params["ablation.value"] == "0.1" and r.data.params["seed"] == "1")
+    broken = next(
+        r for r in runs if r.data.params["ablation.value"] == "0.1" and r.data.params["seed"] == "1"
+    )
     tracker.client.set_terminated(broken.info.run_id, "FAILED")
     third = ablate(exp, grid, tracker=tracker, seeds=2, device="cpu", bundle=bundle, log=None)
     assert [(c.values["loss.params.temperature"], c.seed) for c in third if not c.skipped] == [(0.1, 1)]

@@ -2,7 +2,14 @@ from pathlib import Path
 
 import pytest
 
-from bench.config import CONFIG_DIR, ConfigError, Experiment, apply_override, experiment_from_dict, load_experiment
+from bench.config import (
+    CONFIG_DIR,
+    ConfigError,
+    Experiment,
+    apply_override,
+    experiment_from_dict,
+    load_experiment,
+)
 
 
 def test_bundled_omniglot_loads_with_typed_values():

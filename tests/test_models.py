@@ -11,9 +11,9 @@ def test_same_seed_gives_identical_initial_weights_whatever_the_global_rng():
     torch.rand(1000)  # disturb the global RNG between builds
     b = build_model(ModelConfig(), in_channels=1, seed=7)
     c = build_model(ModelConfig(), in_channels=1, seed=8)
-    for (name, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
-    assert not all(torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
+    assert not all(torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters(), strict=True))
 
 
 def test_embeddings_are_unit_length_with_the_configured_size():

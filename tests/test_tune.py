@@ -24,11 +24,12 @@ from bench.tune import (
     fold_bundle,
     open_storage,
     run_finals,
+    run_main_job,
     suggest_shared,
     tune_losses,
     with_overrides,
 )
-from tests.tune_fixtures import tiny_bundle, tiny_experiment
+from tests.tune_fixtures import tiny_bundle, tiny_experiment, tune_worker
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,27 +39,28 @@ def runs(tracker: Tracker, where: str):
 
 
 def test_studies_have_equal_budgets_nested_mlflow_runs_and_distinct_final_seeds(tmp_path, tracking_uri):
-    exp = tiny_experiment(tmp_path, trials=3, epochs=2)
+    exp = tiny_experiment(tmp_path, trials=2, epochs=2)
     tracker = Tracker(tracking_uri, "tiny", str(tmp_path / "artifacts"))
     bundle = tiny_bundle()
     lines: list[str] = []
-    summaries = tune_losses(exp, ["smooth_ap", "contrastive"], tracker=tracker, device="cpu", bundle=bundle,
-                            log=lines.append)
+    summaries = tune_losses(
+        exp, ["smooth_ap", "contrastive"], tracker=tracker, device="cpu", bundle=bundle, log=lines.append
+    )
 
     budgets = budget_report(exp.tune.storage, exp.name, ["smooth_ap", "contrastive"]).set_index("loss")
-    assert list(budgets["budget"]) == [3, 3] and list(budgets["finished"]) == [3, 3]
+    assert list(budgets["budget"]) == [2, 2] and list(budgets["finished"]) == [2, 2]
     assert list(budgets["study"]) == ["omniglot-smooth_ap", "omniglot-contrastive"]
-    assert len([line for line in lines if line.startswith("[tune]")]) == 6
+    assert len([line for line in lines if line.startswith("[tune]")]) == 4
     assert all("best" in line and "left" in line for line in lines)
 
     for loss, param in (("smooth_ap", "temperature"), ("contrastive", "neg_margin")):
         name = f"omniglot-{loss}"
         (parent,) = runs(tracker, f"tags.stage = 'study' and tags.study = '{name}'")
-        assert parent.data.params["loss"] == loss and parent.data.params["budget"] == "3"
+        assert parent.data.params["loss"] == loss and parent.data.params["budget"] == "2"
         assert parent.data.params["sampler"] == "TPE" and parent.data.params["seed"] == "0"
         assert parent.info.status == "FINISHED"
         trial_runs = runs(tracker, f"tags.stage = 'trial' and tags.study = '{name}'")
-        assert len(trial_runs) == 3
+        assert len(trial_runs) == 2
         assert {r.data.tags["mlflow.parentRunId"] for r in trial_runs} == {parent.info.run_id}
         study = optuna.load_study(study_name=name, storage=exp.tune.storage)
         for trial in study.trials:
@@ -71,20 +73,24 @@ def test_studies_have_equal_budgets_nested_mlflow_runs_and_distinct_final_seeds(
         assert summaries[loss].best_value == max(t.value for t in study.trials)
 
     again = tune_losses(exp, ["smooth_ap"], tracker=tracker, device="cpu", bundle=bundle, log=None)
-    assert again["smooth_ap"].complete == 3  # re-running a finished study adds nothing
+    assert again["smooth_ap"].complete == 2  # re-running a finished study adds nothing
 
-    finals = run_finals(exp, "smooth_ap", tracker=tracker, seeds=[1, 2], device="cpu", bundle=bundle, log=None)
+    finals = run_finals(
+        exp, "smooth_ap", tracker=tracker, seeds=[1, 2], device="cpu", bundle=bundle, log=None
+    )
     final_runs = runs(tracker, "tags.stage = 'final'")
     assert sorted(r.data.params["seed"] for r in final_runs) == ["1", "2"]
     study = optuna.load_study(study_name="omniglot-smooth_ap", storage=exp.tune.storage)
     for run in final_runs:
         assert run.data.params["loss"] == "smooth_ap" and "test/map_at_r" in run.data.metrics
         assert float(run.data.params["loss.params.temperature"]) == pytest.approx(
-            study.best_trial.params["temperature"])
+            study.best_trial.params["temperature"]
+        )
         assert run.data.params["train.epochs"] == "2" and run.info.status == "FINISHED"
     assert [f.test_metrics["test/map_at_r"] for f in finals] == [
         next(r for r in final_runs if r.data.params["seed"] == str(f.seed)).data.metrics["test/map_at_r"]
-        for f in finals]
+        for f in finals
+    ]
     rerun = run_finals(exp, "smooth_ap", tracker=tracker, seeds=[1, 2], device="cpu", bundle=bundle, log=None)
     assert all(f.skipped for f in rerun) and len(runs(tracker, "tags.stage = 'final'")) == 2
 
@@ -93,7 +99,9 @@ def test_pruned_trials_count_towards_the_budget_and_are_marked_in_mlflow(tmp_pat
     exp = tiny_experiment(tmp_path, trials=2, epochs=3)
     tracker = Tracker(tracking_uri, "tiny", str(tmp_path / "artifacts"))
     always = optuna.pruners.ThresholdPruner(lower=2.0)  # MAP@R < 2 always: prune at the first reported epoch
-    study = LossStudy(exp, open_storage(exp.tune.storage), tracker, tiny_bundle(), device="cpu", pruner=always)
+    study = LossStudy(
+        exp, open_storage(exp.tune.storage), tracker, tiny_bundle(), device="cpu", pruner=always
+    )
     lines = [study.run_one(), study.run_one()]
     assert [line.state for line in lines] == ["PRUNED", "PRUNED"]
     assert study.status() == "done"
@@ -103,6 +111,7 @@ def test_pruned_trials_count_towards_the_budget_and_are_marked_in_mlflow(tmp_pat
     assert not list((tmp_path / "checkpoints" / "tune").glob("*/trial-*"))  # trial checkpoints are cleaned up
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test's own ask() calls stand in for workers
 def test_a_trial_beyond_the_budget_is_failed_before_training(tmp_path):
     exp = tiny_experiment(tmp_path, trials=2)
     study = LossStudy(exp, open_storage(exp.tune.storage), None, tiny_bundle(), device="cpu")
@@ -129,8 +138,11 @@ def test_trial_seeded_sampler_is_reproducible_and_differs_between_trials():
 
 def test_shared_space_entries_become_config_overrides(tmp_path):
     exp = tiny_experiment(tmp_path)
-    space = {"optim.lr": {"low": "1e-4", "high": 1e-2, "log": True}, "model.embedding_dim": {"choices": [8, 32]},
-             "data.samples_per_class": {"low": 2, "high": 4}}
+    space = {
+        "optim.lr": {"low": "1e-4", "high": 1e-2, "log": True},
+        "model.embedding_dim": {"choices": [8, 32]},
+        "data.samples_per_class": {"low": 2, "high": 4},
+    }
     trial = optuna.create_study().ask()
     values = suggest_shared(trial, space)
     dists = trial.distributions
@@ -139,7 +151,10 @@ def test_shared_space_entries_become_config_overrides(tmp_path):
     assert dists["model.embedding_dim"].choices == (8, 32)
     tuned = with_overrides(exp, values)
     assert (tuned.optim.lr, tuned.model.embedding_dim, tuned.data.samples_per_class) == (
-        values["optim.lr"], values["model.embedding_dim"], values["data.samples_per_class"])
+        values["optim.lr"],
+        values["model.embedding_dim"],
+        values["data.samples_per_class"],
+    )
     with pytest.raises(ConfigError, match="tune.shared_space.optim.lr"):
         suggest_shared(optuna.create_study().ask(), {"optim.lr": {"low": 1e-4, "hgih": 1e-2}})
     with pytest.raises(ConfigError, match="optim"):
@@ -176,9 +191,19 @@ def _counts(storage: str, name: str) -> dict[TrialState, list]:
 
 def _worker(storage: str, workdir: Path, trials: int, epochs: int, *sync: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    command = [sys.executable, "-m", "tests.tune_fixtures", storage, str(workdir), str(trials), str(epochs),
-               *map(str, sync)]
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "tests.tune_fixtures",
+        storage,
+        str(workdir),
+        str(trials),
+        str(epochs),
+        *map(str, sync),
+    ]
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _wait_for(condition, process: subprocess.Popen, limit: float = 120.0) -> None:
@@ -192,7 +217,7 @@ def _wait_for(condition, process: subprocess.Popen, limit: float = 120.0) -> Non
 
 def test_a_worker_killed_mid_trial_loses_nothing_and_the_rerun_completes_the_budget(tmp_path):
     storage, name = f"sqlite:///{tmp_path / 'optuna.db'}", "omniglot-contrastive"
-    worker = _worker(storage, tmp_path, 4, 4)
+    worker = _worker(storage, tmp_path, 3, 4)
 
     def one_done_one_running() -> bool:
         try:
@@ -209,29 +234,30 @@ def test_a_worker_killed_mid_trial_loses_nothing_and_the_rerun_completes_the_bud
     killed = before[TrialState.RUNNING][0].number
     completed = {t.number: (t.params, t.value) for t in before[TrialState.COMPLETE]}
 
-    rerun = _worker(storage, tmp_path, 4, 4)
-    output, _ = rerun.communicate(timeout=180)
-    assert rerun.returncode == 0, output
+    tune_worker(storage, tmp_path, 3, 4)  # the same command again (in this process: no second start-up)
     after = _counts(storage, name)
-    assert {t.number: (t.params, t.value) for t in after[TrialState.COMPLETE] if t.number in completed} == completed
-    assert len(after[TrialState.COMPLETE]) == 4 and not after[TrialState.RUNNING]
+    assert {
+        t.number: (t.params, t.value) for t in after[TrialState.COMPLETE] if t.number in completed
+    } == completed
+    assert len(after[TrialState.COMPLETE]) == 3 and not after[TrialState.RUNNING]
     assert [t.number for t in after[TrialState.FAIL]] == [killed]
 
 
 def test_two_workers_share_one_study_and_finish_the_budget_together(tmp_path):
-    storage, name, budget = f"sqlite:///{tmp_path / 'optuna.db'}", "omniglot-contrastive", 6
-    go = tmp_path / "go"
-    workers = [_worker(storage, tmp_path, budget, 3, tmp_path / f"ready-{i}", go) for i in range(2)]
-    for i, worker in enumerate(workers):
-        _wait_for(lambda i=i: (tmp_path / f"ready-{i}").exists(), worker)
+    storage, name, budget = f"sqlite:///{tmp_path / 'optuna.db'}", "omniglot-contrastive", 4
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    other = _worker(storage, tmp_path, budget, 2, ready, go)
+    _wait_for(ready.exists, other)
     go.write_text("go")
-    for worker in workers:
-        output, _ = worker.communicate(timeout=180)
-        assert worker.returncode == 0, output
+    tune_worker(storage, tmp_path, budget, 2)  # this test's process is the second worker
+    output, _ = other.communicate(timeout=180)
+    assert other.returncode == 0, output
     counts = _counts(storage, name)
     complete = counts[TrialState.COMPLETE]
     assert len(complete) == budget and not counts[TrialState.RUNNING]
-    assert all(t.user_attrs.get("surplus") for t in counts[TrialState.FAIL])  # only lost races, never training
+    assert all(
+        t.user_attrs.get("surplus") for t in counts[TrialState.FAIL]
+    )  # only lost races, never training
     assert len({tuple(sorted(t.params.items())) for t in complete}) == budget  # no configuration ran twice
     assert len({t.user_attrs["worker"] for t in complete}) == 2  # both workers did part of the work
 
@@ -239,3 +265,43 @@ def test_two_workers_share_one_study_and_finish_the_budget_together(tmp_path):
 def test_a_study_name_with_several_losses_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="exactly one loss"):
         tune_losses(tiny_experiment(tmp_path), ["smooth_ap", "triplet"], study_name_override="x", log=None)
+
+
+def test_the_main_job_tunes_every_loss_runs_final_seeds_and_then_reports(tmp_path, tracking_uri):
+    exp = tiny_experiment(tmp_path, trials=1, epochs=1, extra=["tune.final_seeds=1"])
+    tracker = Tracker(tracking_uri, "tiny", str(tmp_path / "artifacts"))
+    seen = []
+
+    def report(result):
+        seen.append(result)
+        return [tmp_path / "report.md"]
+
+    result = run_main_job(
+        exp,
+        ["smooth_ap", "fastap"],
+        tracker=tracker,
+        device="cpu",
+        bundle=tiny_bundle(),
+        log=None,
+        after=report,
+    )
+    assert result.complete and seen == [result] and result.report_files == [tmp_path / "report.md"]
+    assert list(result.budgets["finished"]) == [1, 1]
+    assert {loss: [f.seed for f in finals] for loss, finals in result.finals.items()} == {
+        "smooth_ap": [1],
+        "fastap": [1],
+    }
+    assert sorted(r.data.params["loss"] for r in runs(tracker, "tags.stage = 'final'")) == [
+        "fastap",
+        "smooth_ap",
+    ]
+
+
+def test_continuing_a_study_with_another_recipe_is_refused(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    LossStudy(tiny_experiment(tmp_path, epochs=2), storage, None, tiny_bundle(), device="cpu")
+    LossStudy(
+        tiny_experiment(tmp_path, trials=5, epochs=2), storage, None, tiny_bundle(), device="cpu"
+    )  # budget may grow
+    with pytest.raises(ConfigError, match="other fixed settings"):
+        LossStudy(tiny_experiment(tmp_path, epochs=3), storage, None, tiny_bundle(), device="cpu")

@@ -21,8 +21,14 @@ from bench.data import DatasetBundle, EvalSplit
 from bench.data.omniglot import TensorImages
 
 
-def tiny_bundle(train_classes: int = 8, val_classes: int = 4, test_classes: int = 4, per_class: int = 6,
-                size: int = 8, seed: int = 0) -> DatasetBundle:
+def tiny_bundle(
+    train_classes: int = 8,
+    val_classes: int = 4,
+    test_classes: int = 4,
+    per_class: int = 6,
+    size: int = 8,
+    seed: int = 0,
+) -> DatasetBundle:
     """Class-disjoint train / val / test splits of synthetic 1-channel images."""
     generator = torch.Generator().manual_seed(seed)
     total = train_classes + val_classes + test_classes
@@ -39,31 +45,55 @@ def tiny_bundle(train_classes: int = 8, val_classes: int = 4, test_classes: int 
     return DatasetBundle("tiny", train, EvalSplit("val", val), [EvalSplit("test", test)], info)
 
 
-def tiny_experiment(workdir: Path, trials: int = 3, epochs: int = 2, extra: list[str] | None = None) -> Experiment:
+def tiny_experiment(
+    workdir: Path, trials: int = 3, epochs: int = 2, extra: list[str] | None = None
+) -> Experiment:
     """The bundled Omniglot config shrunk to seconds: 8 px, batches of 4 classes x 4 images, 16-d embeddings."""
-    return load_experiment("omniglot", [
-        "data.image_size=8", "data.batch_size=16", "data.samples_per_class=4", "data.augment=false",
-        "model.embedding_dim=16", f"train.epochs={epochs}", f"train.checkpoint_dir={workdir / 'checkpoints'}",
-        f"tune.trials={trials}", f"tune.storage=sqlite:///{workdir / 'optuna.db'}", "eval.batch_size=64",
-        "optim.lr_decay_epochs=[]", *(extra or []),
-    ])
+    return load_experiment(
+        "omniglot",
+        [
+            "data.image_size=8",
+            "data.batch_size=16",
+            "data.samples_per_class=4",
+            "data.augment=false",
+            "model.embedding_dim=16",
+            f"train.epochs={epochs}",
+            f"train.checkpoint_dir={workdir / 'checkpoints'}",
+            f"tune.trials={trials}",
+            f"tune.storage=sqlite:///{workdir / 'optuna.db'}",
+            "eval.batch_size=64",
+            "optim.lr_decay_epochs=[]",
+            *(extra or []),
+        ],
+    )
 
 
-def _worker(argv: list[str]) -> None:
+def tune_worker(storage: str, checkpoints: Path, trials: int, epochs: int) -> None:
+    """One tuning worker on the `contrastive` study, with heartbeats fast enough for a test to see a dead one."""
     from bench.tune import tune_losses
 
-    storage, checkpoints, trials, epochs = argv[0], Path(argv[1]), int(argv[2]), int(argv[3])
-    torch.set_num_threads(1)
     exp = tiny_experiment(checkpoints, trials=trials, epochs=epochs, extra=["tune.pruner=none"])
-    bundle = tiny_bundle()
-    if len(argv) > 4:  # start together with the other worker: report ready, wait for the go file
+    tune_losses(
+        exp,
+        ["contrastive"],
+        storage=storage,
+        device="cpu",
+        bundle=tiny_bundle(),
+        heartbeat_interval=1,
+        grace_period=3,
+        poll_s=0.5,
+    )
+
+
+def _main(argv: list[str]) -> None:
+    torch.set_num_threads(1)
+    if len(argv) > 4:  # start together with another worker: report ready, wait for the go file
         ready, go = Path(argv[4]), Path(argv[5])
         ready.write_text("ready")
         while not go.exists():
             time.sleep(0.05)
-    tune_losses(exp, ["contrastive"], storage=storage, device="cpu", bundle=bundle, heartbeat_interval=1,
-                grace_period=3, poll_s=0.5)
+    tune_worker(argv[0], Path(argv[1]), int(argv[2]), int(argv[3]))
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1:])
+    _main(sys.argv[1:])

@@ -23,12 +23,34 @@ from bench.report.tables import display_name, metric_label
 COLUMN_IN = 3.3
 DOUBLE_IN = 6.9
 _KNOWN = ["smooth_ap", "triplet", "contrastive", "multi_similarity", "fastap", "blackbox_ap"]
-_PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-            "#17becf"]
-STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
-         "legend.fontsize": 7, "lines.linewidth": 1.3, "lines.markersize": 4, "axes.spines.top": False,
-         "axes.spines.right": False, "savefig.bbox": "tight", "savefig.pad_inches": 0.02}
-RIGHT, WRONG, QUERY = "#1a9641", "#d7191c", "#2b2b2b"
+_PALETTE = [
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+]
+STYLE = {
+    "font.size": 8,
+    "axes.titlesize": 8,
+    "figure.titlesize": 8,
+    "axes.labelsize": 8,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7,
+    "lines.linewidth": 1.3,
+    "lines.markersize": 4,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "savefig.bbox": "tight",
+    "savefig.pad_inches": 0.02,
+}
+RIGHT, WRONG, QUERY = "#1a9641", "#d7191c", "#2b83ba"
 
 
 def loss_color(loss: str) -> str:
@@ -69,8 +91,14 @@ def _note(ax, text: str) -> None:
 
 
 def _legend_below(fig: Figure, ax, n: int) -> None:
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=min(n, 3), frameon=False,
-              handlelength=1.5, columnspacing=1.0)
+    ax.legend(
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.22),
+        ncol=min(n, 3),
+        frameon=False,
+        handlelength=1.5,
+        columnspacing=1.0,
+    )
 
 
 def recall_figure(summary: pd.DataFrame, metrics: list[str], dataset: str) -> Figure:
@@ -85,8 +113,15 @@ def recall_figure(summary: pd.DataFrame, metrics: list[str], dataset: str) -> Fi
             means = np.array([getattr(row, f"recall_at_{k}_mean") for k in ks]) * 100
             cis = np.nan_to_num(np.array([getattr(row, f"recall_at_{k}_ci95") for k in ks]) * 100)
             offset = (i - (len(summary) - 1) / 2) * width
-            ax.errorbar(positions + offset, means, yerr=cis, marker="o", capsize=2, color=loss_color(row.loss),
-                        label=f"{display_name(row.loss)} (n={row.n_seeds})")
+            ax.errorbar(
+                positions + offset,
+                means,
+                yerr=cis,
+                marker="o",
+                capsize=2,
+                color=loss_color(row.loss),
+                label=f"{display_name(row.loss)} (n={row.n_seeds})",
+            )
         ax.set_xticks(positions, [str(k) for k in ks])
         _clip_percent(ax)
         ax.set_xlabel("K")
@@ -97,13 +132,19 @@ def recall_figure(summary: pd.DataFrame, metrics: list[str], dataset: str) -> Fi
     return fig
 
 
-def curves_figure(histories: pd.DataFrame, ylabel: str, title: str, log_y: bool = False) -> tuple[Figure, pd.DataFrame]:
+def curves_figure(
+    histories: pd.DataFrame, ylabel: str, title: str, log_y: bool = False
+) -> tuple[Figure, pd.DataFrame]:
     """Per loss, a metric over epochs: mean over seeds (line) and min-max over seeds (band).
 
     `histories` has columns loss, seed, step (0-based epoch), value. Returns the figure and the plotted data.
     """
-    data = (histories.groupby(["loss", "step"])["value"].agg(["mean", "min", "max", "count"]).reset_index()
-            .rename(columns={"count": "n_seeds"}))
+    data = (
+        histories.groupby(["loss", "step"])["value"]
+        .agg(["mean", "min", "max", "count"])
+        .reset_index()
+        .rename(columns={"count": "n_seeds"})
+    )
     data["epoch"] = data["step"] + 1
     with paper_style():
         fig = Figure(figsize=(COLUMN_IN, 2.6), layout="constrained")
@@ -112,8 +153,13 @@ def curves_figure(histories: pd.DataFrame, ylabel: str, title: str, log_y: bool 
         for loss in losses:
             part = data[data["loss"] == loss]
             color = loss_color(loss)
-            ax.plot(part["epoch"], part["mean"], color=color, marker="." if len(part) < 30 else None,
-                    label=display_name(loss))
+            ax.plot(
+                part["epoch"],
+                part["mean"],
+                color=color,
+                marker="." if len(part) < 30 else None,
+                label=display_name(loss),
+            )
             ax.fill_between(part["epoch"], part["min"], part["max"], color=color, alpha=0.2, linewidth=0)
         if log_y:
             ax.set_yscale("log")
@@ -139,8 +185,10 @@ def optuna_figure(study, loss: str) -> tuple[Figure, pd.DataFrame]:
         history, importance = fig.subplots(1, 2, width_ratios=[1.2, 1])
         history.set_xlabel("trial")
         history.set_ylabel("validation MAP@R")
-        history.set_title(f"{display_name(loss)}: optimisation history ({len(complete)} complete of "
-                          f"{len(study.trials)} trials)")
+        history.set_title(
+            f"{display_name(loss)}: optimisation history ({len(complete)} complete of "
+            f"{len(study.trials)} trials)"
+        )
         if complete:
             numbers = np.array([t.number for t in complete])
             values = np.array([t.value for t in complete])
@@ -149,6 +197,7 @@ def optuna_figure(study, loss: str) -> tuple[Figure, pd.DataFrame]:
             history.step(numbers, best, where="post", color="0.2", label="best so far")
             history.legend(frameon=False, loc="lower right")
             history.xaxis.set_major_locator(MaxNLocator(integer=True))
+            history.set_xlim(-0.5, max(int(numbers.max()), 1) + 0.5)  # one trial: still whole-number ticks
             history.grid(alpha=0.3)
         else:
             _note(history, "no complete trials")
@@ -166,7 +215,9 @@ def optuna_figure(study, loss: str) -> tuple[Figure, pd.DataFrame]:
             importance.bar_label(bars, fmt="%.2f", padding=2)
             importance.set_xlim(0, 1)
     data = pd.DataFrame({"trial": [t.number for t in complete], "value": [t.value for t in complete]})
-    data["best_so_far"] = (data["value"].cummax() if maximize else data["value"].cummin()) if len(data) else []
+    data["best_so_far"] = (
+        (data["value"].cummax() if maximize else data["value"].cummin()) if len(data) else []
+    )
     for name, score in scores.items():
         data[f"importance:{name}"] = score
     return fig, data
@@ -223,8 +274,14 @@ def ablation_figure(table: pd.DataFrame, metric: str) -> Figure:
             ci = np.nan_to_num(part[f"{metric}_ci95"].to_numpy()) * 100
             color = loss_color(key[0])
             label = display_name(key[0]) + (f", {part['param2'].iloc[0]}={key[1]:g}" if second else "")
-            ax.plot(x, mean, marker="o", color=color, linestyle=styles[i % len(styles)] if second else "-",
-                    label=label)
+            ax.plot(
+                x,
+                mean,
+                marker="o",
+                color=color,
+                linestyle=styles[i % len(styles)] if second else "-",
+                label=label,
+            )
             ax.fill_between(x, mean - ci, mean + ci, color=color, alpha=0.2, linewidth=0)
         values = table["value"].to_numpy(dtype=float)
         if (values > 0).all() and values.max() / values.min() >= 10:
@@ -246,8 +303,14 @@ def _display_image(image: torch.Tensor) -> np.ndarray:
     return array[0] if array.shape[0] == 1 else np.transpose(array[:3], (1, 2, 0))
 
 
-def retrieval_examples(model: torch.nn.Module, split, n_queries: int = 6, k: int = 5, seed: int = 0,
-                       device: str | torch.device = "cpu") -> tuple[Figure, pd.DataFrame]:
+def retrieval_examples(
+    model: torch.nn.Module,
+    split,
+    n_queries: int = 6,
+    k: int = 5,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> tuple[Figure, pd.DataFrame]:
     """Queries (left) and their top-k results, right ones framed green, wrong ones red.
 
     `split` is an EvalSplit (leave-one-out when it has no gallery). Queries are drawn at random (seeded) among
@@ -267,9 +330,12 @@ def retrieval_examples(model: torch.nn.Module, split, n_queries: int = 6, k: int
     eligible = np.flatnonzero(relevant > 0)
     if len(eligible) == 0:
         raise ValueError(f"split {split.name!r}: no query has a relevant item to retrieve")
-    chosen = np.sort(np.random.default_rng(seed).choice(eligible, size=min(n_queries, len(eligible)), replace=False))
-    if split.gallery is None:
-        found = knn(query_emb, None, k, exclude_self=True, backend="torch")[1].numpy()[chosen]
+    chosen = np.sort(
+        np.random.default_rng(seed).choice(eligible, size=min(n_queries, len(eligible)), replace=False)
+    )
+    if split.gallery is None:  # search only the chosen queries; drop each one from its own results
+        ranked = knn(query_emb[chosen], query_emb, k + 1, backend="torch")[1].numpy()
+        found = np.stack([row[row != q][:k] for row, q in zip(ranked, chosen, strict=True)])
     else:
         found = knn(query_emb[chosen], gallery_emb, k, backend="torch")[1].numpy()
     rows = []
@@ -282,12 +348,20 @@ def retrieval_examples(model: torch.nn.Module, split, n_queries: int = 6, k: int
                 item = int(found[r, c])
                 correct = bool(g_labels[item] == q_labels[q])
                 _framed(axes[r, c + 1], gallery_set[item][0], RIGHT if correct else WRONG)
-                rows.append({"query": int(q), "rank": c + 1, "item": item, "query_label": int(q_labels[q]),
-                             "item_label": int(g_labels[item]), "correct": correct})
+                rows.append(
+                    {
+                        "query": int(q),
+                        "rank": c + 1,
+                        "item": item,
+                        "query_label": int(q_labels[q]),
+                        "item_label": int(g_labels[item]),
+                        "correct": correct,
+                    }
+                )
         axes[0, 0].set_title("query")
         for c in range(k):
             axes[0, c + 1].set_title(f"top {c + 1}")
-        fig.suptitle(f"{split.name}: top-{k} retrievals (green right, red wrong)")
+        fig.suptitle(f"{split.name} split, top {k}: blue query, green right, red wrong")
     return fig, pd.DataFrame(rows)
 
 
@@ -296,8 +370,11 @@ def _framed(ax, image: torch.Tensor, color: str) -> None:
     ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.add_patch(Rectangle((0, 0), 1, 1, transform=ax.transAxes, fill=False, edgecolor=color, linewidth=4,
-                           clip_on=False))
+    ax.add_patch(
+        Rectangle(
+            (0, 0), 1, 1, transform=ax.transAxes, fill=False, edgecolor=color, linewidth=4, clip_on=False
+        )
+    )
     for spine in ax.spines.values():
         spine.set_visible(False)
 
@@ -309,4 +386,3 @@ def is_blank(path: Path) -> bool:
     with Image.open(path) as image:
         extrema = image.convert("L").getextrema()
     return extrema[0] == extrema[1]
-

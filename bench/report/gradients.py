@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import NullFormatter
 
 from bench.report.figures import COLUMN_IN, DOUBLE_IN, loss_color, paper_style
 from bench.report.tables import display_name
@@ -18,33 +20,53 @@ from bench.report.tables import display_name
 TEMPERATURES = (1.0, 0.1, 0.01, 0.001)
 
 
-def sigmoid_figure(temperatures: tuple[float, ...] = TEMPERATURES, span: float = 1.0,
-                   points: int = 801) -> tuple[Figure, pd.DataFrame]:
+def sigmoid_figure(
+    temperatures: tuple[float, ...] = TEMPERATURES, span: float = 1.0, points: int = 801
+) -> tuple[Figure, pd.DataFrame]:
     """The step function H(x) and sigmoids sig(x / T) (left), and their derivatives (right, log scale).
 
     x is a difference of similarities, s_j - s_i, in [-span, span]. The step's derivative is a Dirac delta
     at 0 (zero elsewhere): it is drawn as an arrow, as it has no finite value to plot.
     """
     x = np.union1d(np.linspace(-span, span, points), np.linspace(-0.02 * span, 0.02 * span, points // 2 + 1))
-    rows = [pd.DataFrame({"curve": "step", "temperature": np.nan, "x": x, "value": (x > 0).astype(float),
-                          "derivative": 0.0})]
+    rows = [
+        pd.DataFrame(
+            {
+                "curve": "step",
+                "temperature": np.nan,
+                "x": x,
+                "value": (x > 0).astype(float),
+                "derivative": 0.0,
+            }
+        )
+    ]
     for t in temperatures:
         s = 0.5 * (1.0 + np.tanh(x / (2.0 * t)))  # sigmoid without overflow
-        rows.append(pd.DataFrame({"curve": f"T={t:g}", "temperature": t, "x": x, "value": s,
-                                  "derivative": s * (1.0 - s) / t}))
+        rows.append(
+            pd.DataFrame(
+                {"curve": f"T={t:g}", "temperature": t, "x": x, "value": s, "derivative": s * (1.0 - s) / t}
+            )
+        )
     data = pd.concat(rows, ignore_index=True)
     colors = ["#fdae61", "#d7191c", "#2c7bb6", "#5e3c99"]
     with paper_style():
         fig = Figure(figsize=(DOUBLE_IN, 2.3), layout="constrained")
         left, right = fig.subplots(1, 2)
-        left.plot(x, (x > 0).astype(float), color="black", linewidth=2.2, label="step H(x)", drawstyle="steps-mid")
+        left.plot(
+            x, (x > 0).astype(float), color="black", linewidth=2.2, label="step H(x)", drawstyle="steps-mid"
+        )
         for color, t in zip(colors * 2, temperatures, strict=False):
             part = data[data["temperature"] == t]
             left.plot(part["x"], part["value"], color=color, label=f"sigmoid, τ={t:g}")
             shown = part["derivative"].where(part["derivative"] >= 1e-4)  # below the axis: not drawn
             right.plot(part["x"], shown, color=color, label=f"τ={t:g} (peak {0.25 / t:g})", zorder=3)
-        right.annotate("", xy=(0, 5e3), xytext=(0, 1e-4), zorder=2,
-                       arrowprops={"arrowstyle": "-|>", "color": "0.55", "linewidth": 1.0, "linestyle": "--"})
+        right.annotate(
+            "",
+            xy=(0, 5e3),
+            xytext=(0, 1e-4),
+            zorder=2,
+            arrowprops={"arrowstyle": "-|>", "color": "0.55", "linewidth": 1.0, "linestyle": "--"},
+        )
         right.text(0.04 * span, 3e3, "step: Dirac δ at 0", ha="left", va="center", color="0.35")
         left.set_xlabel("x = s_j − s_i (similarity difference)")
         left.set_ylabel("H(x) or sig(x/τ)")
@@ -71,10 +93,14 @@ def sample_batch(dataset, n_classes: int, per_class: int, seed: int = 0) -> tupl
     classes, counts = np.unique(labels, return_counts=True)
     usable = classes[counts >= per_class]
     if len(usable) < 2:
-        raise ValueError(f"need at least 2 classes with {per_class} items for a gradient batch, found {len(usable)}")
+        raise ValueError(
+            f"need at least 2 classes with {per_class} items for a gradient batch, found {len(usable)}"
+        )
     rng = np.random.default_rng(seed)
     picked = rng.choice(usable, size=min(n_classes, len(usable)), replace=False)
-    indices = np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in picked])
+    indices = np.concatenate(
+        [rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in picked]
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         items = [dataset[int(i)] for i in indices]
@@ -86,8 +112,14 @@ def _embed(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     return model.eval()(images)
 
 
-def similarity_gradients(loss_name: str, loss_params: dict, model: torch.nn.Module, images: torch.Tensor,
-                         labels: torch.Tensor, state: str) -> pd.DataFrame:
+def similarity_gradients(
+    loss_name: str,
+    loss_params: dict,
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    state: str,
+) -> pd.DataFrame:
     """dL/ds for every (query, item) of the batch under `loss_name`, tagged with the loss and model state."""
     import losses
     from losses.introspect import similarity_gradients as per_pair
@@ -101,36 +133,78 @@ def similarity_gradients(loss_name: str, loss_params: dict, model: torch.nn.Modu
 def rank_profile(frame: pd.DataFrame) -> pd.DataFrame:
     """Mean |dL/ds| per (loss, state, positive/negative, rank), with the number of pairs averaged."""
     frame = frame.assign(abs_grad=frame["grad"].abs())
-    return (frame.groupby(["loss", "state", "is_positive", "rank"])["abs_grad"].agg(["mean", "count"])
-            .reset_index().rename(columns={"mean": "mean_abs_grad", "count": "pairs"}))
+    return (
+        frame.groupby(["loss", "state", "is_positive", "rank"])["abs_grad"]
+        .agg(["mean", "count"])
+        .reset_index()
+        .rename(columns={"mean": "mean_abs_grad", "count": "pairs"})
+    )
 
 
 def rank_gradient_figure(profile: pd.DataFrame, losses: list[str]) -> Figure:
-    """Rows: losses; columns: initial and trained model. Mean |dL/ds| against rank, positives and negatives."""
+    """Rows: losses; columns: initial and trained model. Mean |dL/ds| against rank (log-log), positives solid
+    in the loss's colour, negatives dashed grey. Exact zeros (pairs a miner dropped) leave gaps on the log axis.
+    """
     states = ["initial", "trained"]
+    log_x = profile["rank"].max() > 20  # big batches: the top ranks, where gradient goes, need room
     with paper_style():
-        fig = Figure(figsize=(DOUBLE_IN, 0.2 + 1.35 * len(losses)), layout="constrained")
+        fig = Figure(figsize=(DOUBLE_IN, 0.45 + 1.3 * len(losses)), layout="constrained")
         axes = fig.subplots(len(losses), 2, squeeze=False, sharex=True)
         for r, loss in enumerate(losses):
             for c, state in enumerate(states):
                 ax = axes[r, c]
                 part = profile[(profile["loss"] == loss) & (profile["state"] == state)]
                 if part.empty:
-                    ax.text(0.5, 0.5, "no checkpoint logged for this loss", transform=ax.transAxes, ha="center",
-                            va="center", color="0.35")
+                    ax.text(
+                        0.5,
+                        0.5,
+                        "no checkpoint logged for this loss",
+                        transform=ax.transAxes,
+                        ha="center",
+                        va="center",
+                        color="0.35",
+                    )
                     ax.set_yticks([])
-                for positive, style, name in ((True, "-", "positives"), (False, "--", "negatives")):
-                    side = part[part["is_positive"] == positive]
-                    if len(side):
-                        ax.plot(side["rank"], side["mean_abs_grad"], style, color=loss_color(loss) if positive
-                                else "0.3", label=name, linewidth=1.1)
+                elif not (part["mean_abs_grad"] > 0).any():
+                    ax.text(
+                        0.5,
+                        0.5,
+                        "dL/ds = 0 for every pair of this batch",
+                        transform=ax.transAxes,
+                        ha="center",
+                        va="center",
+                        color="0.35",
+                    )
+                else:
+                    for positive, style in ((True, "-"), (False, "--")):
+                        side = part[part["is_positive"] == positive]
+                        ax.plot(
+                            side["rank"],
+                            side["mean_abs_grad"],
+                            style,
+                            linewidth=1.1,
+                            color=loss_color(loss) if positive else "0.3",
+                        )
+                    positive_values = part["mean_abs_grad"][part["mean_abs_grad"] > 0]
+                    top = positive_values.max()
+                    ax.set_yscale("log", nonpositive="mask")
+                    # at least two decades, so every panel has labelled decade ticks and no crowded minor labels
+                    ax.set_ylim(min(positive_values.min(), top / 100) / 1.5, top * 1.5)
+                    ax.yaxis.set_minor_formatter(NullFormatter())
+                if log_x:
+                    ax.set_xscale("log")
                 ax.set_title(f"{display_name(loss)}, {state} model", loc="left")
                 ax.set_ylabel("mean |dL/ds|")
                 ax.grid(alpha=0.3)
-                ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
                 ax.set_xlabel("rank for the query (1 = most similar)" if r == len(losses) - 1 else "rank")
-                if not part.empty:
-                    ax.legend(frameon=False, loc="upper right")
+        handles = [Line2D([], [], color="black", linestyle="-"), Line2D([], [], color="0.3", linestyle="--")]
+        fig.legend(
+            handles,
+            ["positives (solid, the loss's colour)", "negatives (dashed)"],
+            loc="outside upper center",
+            ncol=2,
+            frameon=False,
+        )
     return fig
 
 
@@ -138,7 +212,8 @@ def grad_norm_figure(histories: pd.DataFrame) -> tuple[Figure, pd.DataFrame]:
     """The embedding-gradient norm ||dL/dE|| per epoch (batch mean), per loss, over the final runs."""
     from bench.report.figures import curves_figure
 
-    fig, data = curves_figure(histories, "‖dL/d embeddings‖ (log)", "embedding gradient norm over training",
-                              log_y=True)
+    fig, data = curves_figure(
+        histories, "‖dL/d embeddings‖ (log)", "embedding gradient norm over training", log_y=True
+    )
     fig.set_size_inches(COLUMN_IN, 2.6)
     return fig, data

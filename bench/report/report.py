@@ -33,7 +33,7 @@ def open_store(tracking_uri: str | None) -> tuple[MlflowClient, str]:
     """A client on an existing store; a missing SQLite file is an error, never silently created."""
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///results/mlflow.db"
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
-        raise ReportError(f"no MLflow store at {uri} (file {uri[len('sqlite:///'):]} does not exist)")
+        raise ReportError(f"no MLflow store at {uri} (file {uri[len('sqlite:///') :]} does not exist)")
     return MlflowClient(tracking_uri=uri), uri
 
 
@@ -70,9 +70,14 @@ def _save(stage: Path, written: list[Path], fig, stem: str, data: pd.DataFrame |
     written.extend(figures.save_figure(fig, stage, stem, data))
 
 
-def make_report(tracking_uri: str | None, experiment: str, out_dir: str | Path,
-                optuna_storage: str | None = DEFAULT_OPTUNA, device: str = "cpu",
-                retrieval_queries: int = 6) -> list[Path]:
+def make_report(
+    tracking_uri: str | None,
+    experiment: str,
+    out_dir: str | Path,
+    optuna_storage: str | None = DEFAULT_OPTUNA,
+    device: str = "cpu",
+    retrieval_queries: int = 6,
+) -> list[Path]:
     """Tables and figures of `experiment`'s final, tuning and ablation runs; returns the files written.
 
     Raises ReportError (writing nothing) when the store, the experiment or its final runs are missing.
@@ -86,20 +91,25 @@ def make_report(tracking_uri: str | None, experiment: str, out_dir: str | Path,
             _write(stage, written, f"comparison_{name}.md", tables.to_markdown(summary, metrics))
             _write(stage, written, f"comparison_{name}.tex", tables.to_latex(summary, metrics))
             _write(stage, written, f"comparison_{name}.csv", tables.to_csv(summary))
-            _save(stage, written, figures.recall_figure(summary, metrics, str(dataset)), f"recall_at_k_{name}")
+            _save(
+                stage, written, figures.recall_figure(summary, metrics, str(dataset)), f"recall_at_k_{name}"
+            )
             history = runs.metric_histories(client, part, "val/map_at_r")
             if len(history):
-                fig, data = figures.curves_figure(history, "validation MAP@R",
-                                                  f"{dataset}: validation MAP@R (band: min–max over seeds)")
+                fig, data = figures.curves_figure(
+                    history, "validation MAP@R", f"{dataset}: validation MAP@R (band: min–max over seeds)"
+                )
                 _save(stage, written, fig, f"val_map_at_r_{name}", data)
-        _optuna_figures(stage, written, optuna_storage, experiment)
+        _optuna_figures(stage, written, optuna_storage, experiment, final)
         _ablation_outputs(stage, written, runs.ablation_runs(client, experiment, uri))
         _retrieval_figure(stage, written, client, final, device, retrieval_queries)
     return written
 
 
-def _optuna_figures(stage: Path, written: list[Path], storage: str | None, experiment: str) -> None:
-    studies = runs.optuna_studies(storage, experiment) if storage else {}
+def _optuna_figures(
+    stage: Path, written: list[Path], storage: str | None, experiment: str, final: pd.DataFrame
+) -> None:
+    studies = runs.optuna_studies(storage, experiment, final) if storage else {}
     if not studies:
         log.warning("no Optuna studies %s-<loss> in %s: tuning figures skipped", experiment, storage)
     for loss, study in studies.items():
@@ -109,7 +119,9 @@ def _optuna_figures(stage: Path, written: list[Path], storage: str | None, exper
         trials = runs.trials_frame(studies[REFERENCE_LOSS])
         param = next((c for c in trials.columns if str(c).endswith("temperature")), None)
         if param is None:
-            log.warning("the %s study does not tune a temperature: temperature figure skipped", REFERENCE_LOSS)
+            log.warning(
+                "the %s study does not tune a temperature: temperature figure skipped", REFERENCE_LOSS
+            )
         else:
             fig, data = figures.temperature_figure(trials, param)
             _save(stage, written, fig, "smooth_ap_temperature", data)
@@ -141,8 +153,9 @@ def _checkpoints(client: MlflowClient, final: pd.DataFrame, into: Path) -> dict[
     return found
 
 
-def retrieval_from_runs(client: MlflowClient, final: pd.DataFrame, device: str = "cpu",
-                        queries: int = 6) -> tuple[Figure, pd.DataFrame] | None:
+def retrieval_from_runs(
+    client: MlflowClient, final: pd.DataFrame, device: str = "cpu", queries: int = 6
+) -> tuple[Figure, pd.DataFrame] | None:
     """Retrieval examples on the test split from Smooth-AP's checkpoint (else another loss's); None without any."""
     from bench.data import load_dataset
     from bench.train import model_from_checkpoint
@@ -159,8 +172,9 @@ def retrieval_from_runs(client: MlflowClient, final: pd.DataFrame, device: str =
     return fig, data
 
 
-def _retrieval_figure(stage: Path, written: list[Path], client: MlflowClient, final: pd.DataFrame, device: str,
-                      queries: int) -> None:
+def _retrieval_figure(
+    stage: Path, written: list[Path], client: MlflowClient, final: pd.DataFrame, device: str, queries: int
+) -> None:
     result = retrieval_from_runs(client, final, device, queries)
     if result is None:
         log.warning("no final run logged a checkpoint artifact: retrieval examples skipped")
@@ -184,15 +198,18 @@ def rank_profile_from_runs(client: MlflowClient, final: pd.DataFrame, seed: int 
         return None
     _, exp = next(iter(trained.values()))
     per_class = exp.data.samples_per_class
-    images, labels = gradients.sample_batch(load_dataset(exp.data).train, exp.data.batch_size // per_class,
-                                            per_class, seed)
+    images, labels = gradients.sample_batch(
+        load_dataset(exp.data).train, exp.data.batch_size // per_class, per_class, seed
+    )
     initial = build_model(exp.model, int(images.shape[1]), exp.train.seed)
     frames = []
     for loss in loss_order(final):
         params = final[final["loss"] == loss].sort_values("seed")["loss_params"].iloc[0]
         frames.append(gradients.similarity_gradients(loss, params, initial, images, labels, "initial"))
         if loss in trained:
-            frames.append(gradients.similarity_gradients(loss, params, trained[loss][0], images, labels, "trained"))
+            frames.append(
+                gradients.similarity_gradients(loss, params, trained[loss][0], images, labels, "trained")
+            )
     return gradients.rank_profile(pd.concat(frames, ignore_index=True))
 
 
@@ -201,7 +218,9 @@ def loss_order(final: pd.DataFrame) -> list[str]:
     return sorted(final["loss"].unique(), key=lambda name: (name != REFERENCE_LOSS, name))
 
 
-def make_grad_report(tracking_uri: str | None, experiment: str, out_dir: str | Path, seed: int = 0) -> list[Path]:
+def make_grad_report(
+    tracking_uri: str | None, experiment: str, out_dir: str | Path, seed: int = 0
+) -> list[Path]:
     """Figure 2 (step vs sigmoids), |dL/ds| against rank per loss (initial and trained model, one real batch),
     and the embedding-gradient norm over training; each figure with its data as CSV. Returns the files written.
     The analysis is one batch per loss, so it runs on the CPU.
@@ -215,7 +234,13 @@ def make_grad_report(tracking_uri: str | None, experiment: str, out_dir: str | P
         if profile is None:
             log.warning("no final run logged a checkpoint artifact: gradient-by-rank figure skipped")
         else:
-            _save(stage, written, gradients.rank_gradient_figure(profile, loss_order(final)), "grad_by_rank", profile)
+            _save(
+                stage,
+                written,
+                gradients.rank_gradient_figure(profile, loss_order(final)),
+                "grad_by_rank",
+                profile,
+            )
         history = runs.metric_histories(client, final, "train/grad_norm")
         if len(history):
             fig, data = gradients.grad_norm_figure(history)

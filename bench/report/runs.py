@@ -42,8 +42,12 @@ def search(client: MlflowClient, experiment_ids: list[str], filter_string: str) 
     runs: list[Run] = []
     token = None
     while True:
-        page = client.search_runs(experiment_ids, f"{filter_string} and attributes.status = 'FINISHED'",
-                                  max_results=1000, page_token=token)
+        page = client.search_runs(
+            experiment_ids,
+            f"{filter_string} and attributes.status = 'FINISHED'",
+            max_results=1000,
+            page_token=token,
+        )
         runs.extend(page)
         token = page.token
         if not token:
@@ -54,10 +58,16 @@ def _row(run: Run) -> dict:
     params, tags = run.data.params, run.data.tags
     loss = params.get("loss") or tags.get("loss") or params.get("loss.name")
     seed = params.get("seed", params.get("train.seed"))
-    row = {"run_id": run.info.run_id, "loss": loss, "dataset": params.get("dataset") or params.get("data.name"),
-           "seed": int(seed) if seed is not None else None}
-    row["loss_params"] = {k[len("loss.params.") :]: yaml.safe_load(v) for k, v in params.items()
-                          if k.startswith("loss.params.")}
+    row = {
+        "run_id": run.info.run_id,
+        "loss": loss,
+        "dataset": params.get("dataset") or params.get("data.name"),
+        "seed": int(seed) if seed is not None else None,
+        "study": tags.get("study"),
+    }
+    row["loss_params"] = {
+        k[len("loss.params.") :]: yaml.safe_load(v) for k, v in params.items() if k.startswith("loss.params.")
+    }
     row.update(run.data.metrics)
     return row
 
@@ -71,6 +81,7 @@ def final_runs(client: MlflowClient, experiment: str, uri: str = "") -> pd.DataF
             "run `smoothap-bench tune` (or `smoothap-bench run`) first"
         )
     frame = pd.DataFrame([_row(run) for run in runs])
+    frame["dataset"] = frame["dataset"].fillna("unknown")  # grouped by dataset: a run must not drop out
     missing = frame[frame["loss"].isna()]
     if len(missing):
         raise ReportError(f"final runs without a `loss` param: {', '.join(missing['run_id'])}")
@@ -88,8 +99,10 @@ def ablation_runs(client: MlflowClient, experiment: str, uri: str = "") -> pd.Da
         row = _row(run)
         params = run.data.params
         for suffix in ("", "2"):
-            row[f"param{suffix}"] = params.get(f"ablation.param{suffix}")
-            row[f"value{suffix}"] = _number(params.get(f"ablation.value{suffix}"))
+            key = f"ablation.param{suffix}"
+            row[f"param{suffix}"] = params.get(key, run.data.tags.get(key))
+            key = f"ablation.value{suffix}"
+            row[f"value{suffix}"] = _number(params.get(key, run.data.tags.get(key)))
         rows.append(row)
     return pd.DataFrame(rows, columns=None if rows else [*RUN_COLUMNS, "param", "value", "param2", "value2"])
 
@@ -108,8 +121,16 @@ def metric_histories(client: MlflowClient, runs: pd.DataFrame, key: str) -> pd.D
     rows = []
     for run in runs.itertuples():
         for metric in client.get_metric_history(run.run_id, key):
-            rows.append({"loss": run.loss, "dataset": run.dataset, "seed": run.seed, "run_id": run.run_id,
-                         "step": metric.step, "value": metric.value})
+            rows.append(
+                {
+                    "loss": run.loss,
+                    "dataset": run.dataset,
+                    "seed": run.seed,
+                    "run_id": run.run_id,
+                    "step": metric.step,
+                    "value": metric.value,
+                }
+            )
     return pd.DataFrame(rows, columns=["loss", "dataset", "seed", "run_id", "step", "value"])
 
 
@@ -122,18 +143,25 @@ def download_checkpoint(client: MlflowClient, run_id: str, dst: Path) -> Path | 
     return Path(client.download_artifacts(run_id, "checkpoint/last.pt", str(dst)))
 
 
-def optuna_studies(storage: str, experiment: str) -> dict[str, object]:
-    """The Optuna studies `<experiment>-<loss>` in `storage`, keyed by loss; empty when the storage has none."""
+def optuna_studies(storage: str, experiment: str, final: pd.DataFrame | None = None) -> dict[str, object]:
+    """The tuning studies keyed by loss: `<experiment>-<loss>`, or the study a loss's final runs name in their
+    `study` tag (it wins: bench.tune names studies after the config's name, which may differ from the MLflow
+    experiment's). Empty when the storage holds none.
+    """
     import optuna
 
     if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///") :]).is_file():
         return {}  # don't let Optuna create an empty database file as a side effect
+    existing = set(optuna.study.get_all_study_names(storage))
     prefix = f"{experiment}-"
-    names = [n for n in optuna.study.get_all_study_names(storage) if n.startswith(prefix)]
-    return {n[len(prefix) :]: optuna.load_study(study_name=n, storage=storage) for n in sorted(names)}
+    names = {n[len(prefix) :]: n for n in existing if n.startswith(prefix)}
+    if final is not None and "study" in final:
+        tagged = final[["loss", "study"]].dropna().drop_duplicates("loss")
+        names.update({row.loss: row.study for row in tagged.itertuples() if row.study in existing})
+    return {loss: optuna.load_study(study_name=names[loss], storage=storage) for loss in sorted(names)}
 
 
 def trials_frame(study) -> pd.DataFrame:
-    """A study's trials: number, state, value, and one column per parameter (named by its config key)."""
+    """A study's trials: number, state, value, and one column per parameter (as the trials named it)."""
     rows = [{"number": t.number, "state": t.state.name, "value": t.value, **t.params} for t in study.trials]
     return pd.DataFrame(rows, columns=None if rows else ["number", "state", "value"])

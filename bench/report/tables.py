@@ -24,8 +24,10 @@ DISPLAY_NAMES = {
     "blackbox_ap": "Blackbox AP",
 }
 SPLIT = "test/"
-INTERVAL = ("mean ± 95% confidence interval over seeds, in percentage points (Student's t: "
-            "t_{0.975,n-1}·s/√n; n/a with a single seed)")
+INTERVAL = (
+    "mean ± 95% confidence interval over seeds, in percentage points (Student's t: "
+    "t_{0.975,n-1}·s/√n; n/a with a single seed)"
+)
 CONVENTION = f"{INTERVAL}; best mean in bold; in parentheses: difference of the mean to Smooth-AP, in points"
 
 
@@ -36,7 +38,7 @@ def display_name(loss: str) -> str:
 def metric_label(metric: str) -> str:
     """`recall_at_4` -> `R@4`, `map_at_r` -> `MAP@R`, `r_precision` -> `R-Prec`."""
     if metric.startswith("recall_at_"):
-        return f"R@{metric[len('recall_at_'):]}"
+        return f"R@{metric[len('recall_at_') :]}"
     return {"map_at_r": "MAP@R", "r_precision": "R-Prec"}.get(metric, metric)
 
 
@@ -70,7 +72,9 @@ def mean_ci95(values: np.ndarray) -> tuple[float, float]:
     return mean, float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n))
 
 
-def summarize(runs: pd.DataFrame, metrics: list[str], prefix: str = SPLIT, by: list[str] | None = None) -> pd.DataFrame:
+def summarize(
+    runs: pd.DataFrame, metrics: list[str], prefix: str = SPLIT, by: list[str] | None = None
+) -> pd.DataFrame:
     """One row per group (default: per loss) with `<metric>_mean`, `<metric>_ci95` and `n_seeds`.
 
     Losses are ordered with Smooth-AP first, then by registry name.
@@ -93,7 +97,9 @@ def summarize(runs: pd.DataFrame, metrics: list[str], prefix: str = SPLIT, by: l
     return table.reset_index(drop=True)
 
 
-def add_differences(summary: pd.DataFrame, metrics: list[str], reference: str = REFERENCE_LOSS) -> pd.DataFrame:
+def add_differences(
+    summary: pd.DataFrame, metrics: list[str], reference: str = REFERENCE_LOSS
+) -> pd.DataFrame:
     """Add `<metric>_diff_<reference>` = mean - the reference loss's mean (NaN when the reference is absent)."""
     table = summary.copy()
     ref = table[table["loss"] == reference]
@@ -150,8 +156,13 @@ def _latex_escape(text: str) -> str:
 def to_latex(summary: pd.DataFrame, metrics: list[str], reference: str = REFERENCE_LOSS) -> str:
     """A booktabs tabular (needs \\usepackage{booktabs}); differences to Smooth-AP in small type."""
     shown = display_metrics(metrics)
-    lines = [f"% {CONVENTION}", r"\begin{tabular}{l" + "r" * len(shown) + "c}", r"\toprule",
-             " & ".join(["Loss", *[metric_label(m) for m in shown], "Seeds"]) + r" \\", r"\midrule"]
+    lines = [
+        f"% {CONVENTION}",
+        r"\begin{tabular}{l" + "r" * len(shown) + "c}",
+        r"\toprule",
+        " & ".join(["Loss", *[metric_label(m) for m in shown], "Seeds"]) + r" \\",
+        r"\midrule",
+    ]
     best = {m: _best(summary, m) for m in shown}
     for index, row in summary.iterrows():
         cells = [_latex_escape(display_name(row["loss"]))]
@@ -184,7 +195,10 @@ def ablation_markdown(table: pd.DataFrame, metric: str) -> str:
     second = "value2" in table
     header = ["Loss", str(table["param"].iloc[0])] + ([str(table["param2"].iloc[0])] if second else [])
     header += [metric_label(metric), "Seeds"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] * (len(header) - 2) + ["---:"] * 2) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join([":---"] * (len(header) - 2) + ["---:"] * 2) + "|",
+    ]
     for row in table.itertuples():
         mean, ci = getattr(row, f"{metric}_mean"), getattr(row, f"{metric}_ci95")
         cells = [display_name(row.loss), f"{row.value:g}" if isinstance(row.value, float) else str(row.value)]

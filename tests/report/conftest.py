@@ -16,6 +16,9 @@ from PIL import Image
 
 EXPERIMENT = "reptest"
 KS = (1, 2, 4, 8)
+# as bench.tune names them: after the config's name, which for triplet here differs from the MLflow experiment,
+# so the report must follow the final runs' `study` tag
+STUDIES = {"smooth_ap": f"{EXPERIMENT}-smooth_ap", "triplet": "other-config-triplet"}
 
 
 @dataclass
@@ -27,7 +30,9 @@ class Store:
     data_root: Path
 
 
-def write_image_folder(root: Path, classes: dict[str, int], images_per_class: int, rng: np.random.Generator) -> None:
+def write_image_folder(
+    root: Path, classes: dict[str, int], images_per_class: int, rng: np.random.Generator
+) -> None:
     """`root/<split>/<class>/*.png`, the folder reader's layout; each class a distinct colour plus noise."""
     for split, count in classes.items():
         for c in range(count):
@@ -44,24 +49,47 @@ def _train_real_runs(tracker, data_root: Path, checkpoints: Path) -> None:
     from bench.train import train_and_evaluate
 
     for loss in ("smooth_ap", "triplet"):
-        exp = load_experiment("omniglot", [
-            f"name={EXPERIMENT}", "data.name=folder", f"data.root={data_root}", "data.image_size=16",
-            "data.batch_size=12", "data.samples_per_class=3", "data.val_fraction=0.34", "train.epochs=2",
-            f"train.checkpoint_dir={checkpoints}", "eval.batch_size=64", "optim.lr_decay_epochs=[]",
-            f"loss.name={loss}", f"tracking.experiment={EXPERIMENT}",
-        ])
-        train_and_evaluate(exp, tracker, device="cpu", tags={"stage": "final"}, progress=False)
+        exp = load_experiment(
+            "omniglot",
+            [
+                f"name={EXPERIMENT}",
+                "data.name=folder",
+                f"data.root={data_root}",
+                "data.image_size=16",
+                "data.batch_size=12",
+                "data.samples_per_class=3",
+                "data.val_fraction=0.34",
+                "train.epochs=2",
+                f"train.checkpoint_dir={checkpoints}",
+                "eval.batch_size=64",
+                "optim.lr_decay_epochs=[]",
+                f"loss.name={loss}",
+                f"tracking.experiment={EXPERIMENT}",
+            ],
+        )
+        train_and_evaluate(
+            exp, tracker, device="cpu", tags={"stage": "final", "study": STUDIES[loss]}, progress=False
+        )
 
 
 def _log_synthetic_final(tracker, loss: str, seed: int, rng: np.random.Generator) -> None:
-    run = tracker.start_run(f"{loss}-seed{seed}", {"stage": "final"})
+    run = tracker.start_run(
+        f"{loss}-seed{seed}", {"stage": "final", **({"study": STUDIES[loss]} if loss in STUDIES else {})}
+    )
     params = {"loss": loss, "dataset": "folder", "seed": seed, "loss.name": loss}
     if loss == "smooth_ap":
         params["loss.params.temperature"] = 0.01
     tracker.log_params(run, params)
     for epoch in range(2):
-        tracker.log_metrics(run, {"val/map_at_r": rng.uniform(0.1, 0.6), "train/grad_norm": rng.uniform(0.01, 1),
-                                  "train/loss": rng.uniform(0, 1)}, step=epoch)
+        tracker.log_metrics(
+            run,
+            {
+                "val/map_at_r": rng.uniform(0.1, 0.6),
+                "train/grad_norm": rng.uniform(0.01, 1),
+                "train/loss": rng.uniform(0, 1),
+            },
+            step=epoch,
+        )
     recall = np.sort(rng.uniform(0.3, 0.95, size=len(KS)))
     metrics = {f"test/recall_at_{k}": float(r) for k, r in zip(KS, recall, strict=True)}
     metrics.update({"test/map_at_r": rng.uniform(0.1, 0.5), "test/r_precision": rng.uniform(0.2, 0.6)})
@@ -73,10 +101,21 @@ def _log_ablation(tracker, rng: np.random.Generator) -> None:
     for value in (0.001, 0.01, 0.1):
         for seed in (0, 1):
             run = tracker.start_run(f"ablation-T{value}-seed{seed}", {"stage": "ablation"})
-            tracker.log_params(run, {"loss": "smooth_ap", "dataset": "folder", "seed": seed,
-                                     "ablation.param": "loss.params.temperature", "ablation.value": value})
-            tracker.log_metrics(run, {"test/map_at_r": rng.uniform(0.1, 0.5),
-                                      "test/recall_at_1": rng.uniform(0.3, 0.9)}, step=2)
+            tracker.log_params(
+                run,
+                {
+                    "loss": "smooth_ap",
+                    "dataset": "folder",
+                    "seed": seed,
+                    "ablation.param": "loss.params.temperature",
+                    "ablation.value": value,
+                },
+            )
+            tracker.log_metrics(
+                run,
+                {"test/map_at_r": rng.uniform(0.1, 0.5), "test/recall_at_1": rng.uniform(0.3, 0.9)},
+                step=2,
+            )
             tracker.end_run(run)
 
 
@@ -85,18 +124,30 @@ def _write_studies(storage: str) -> None:
     from optuna.distributions import FloatDistribution
     from optuna.trial import TrialState, create_trial
 
-    space = {"loss.params.temperature": FloatDistribution(1e-3, 1.0, log=True),
-             "optim.lr": FloatDistribution(1e-4, 1e-2, log=True)}
-    study = optuna.create_study(study_name=f"{EXPERIMENT}-smooth_ap", storage=storage, direction="maximize")
+    space = {
+        "temperature": FloatDistribution(1e-3, 1.0, log=True),
+        "optim.lr": FloatDistribution(1e-4, 1e-2, log=True),
+    }
+    study = optuna.create_study(study_name=STUDIES["smooth_ap"], storage=storage, direction="maximize")
     rng = np.random.default_rng(3)
     for _ in range(6):
-        params = {"loss.params.temperature": float(10 ** rng.uniform(-3, 0)), "optim.lr": float(10 ** rng.uniform(-4, -2))}
+        params = {
+            "temperature": float(10 ** rng.uniform(-3, 0)),
+            "optim.lr": float(10 ** rng.uniform(-4, -2)),
+        }
         study.add_trial(create_trial(params=params, distributions=space, value=float(rng.uniform(0.1, 0.6))))
-    study.add_trial(create_trial(params={"loss.params.temperature": 0.5, "optim.lr": 1e-3}, distributions=space,
-                                 state=TrialState.PRUNED, intermediate_values={0: 0.05}))
-    single = optuna.create_study(study_name=f"{EXPERIMENT}-triplet", storage=storage, direction="maximize")
-    single.add_trial(create_trial(params={"optim.lr": 1e-3}, distributions={"optim.lr": space["optim.lr"]},
-                                  value=0.3))
+    study.add_trial(
+        create_trial(
+            params={"temperature": 0.5, "optim.lr": 1e-3},
+            distributions=space,
+            state=TrialState.PRUNED,
+            intermediate_values={0: 0.05},
+        )
+    )
+    single = optuna.create_study(study_name=STUDIES["triplet"], storage=storage, direction="maximize")
+    single.add_trial(
+        create_trial(params={"optim.lr": 1e-3}, distributions={"optim.lr": space["optim.lr"]}, value=0.3)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -133,8 +184,22 @@ def report_dir(store) -> Path:
     from bench.cli import main
 
     out = store.root / "report" / store.experiment
-    assert main(["report", "--experiment", store.experiment, "--tracking-uri", store.uri,
-                 "--optuna-storage", store.optuna, "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--experiment",
+                store.experiment,
+                "--tracking-uri",
+                store.uri,
+                "--optuna-storage",
+                store.optuna,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -144,5 +209,7 @@ def grad_dir(store) -> Path:
     from bench.cli import main
 
     out = store.root / "report" / "grad"
-    assert main(["grad", "--experiment", store.experiment, "--tracking-uri", store.uri, "--out", str(out)]) == 0
+    assert (
+        main(["grad", "--experiment", store.experiment, "--tracking-uri", store.uri, "--out", str(out)]) == 0
+    )
     return out

@@ -17,8 +17,10 @@ def test_missing_experiment_names_what_the_store_has(store, tmp_path):
 
 def test_experiment_without_final_runs_is_an_error(store, tmp_path):
     out = tmp_path / "out"
-    for make in (lambda: make_report(store.uri, "empty", out, optuna_storage=store.optuna),
-                 lambda: make_grad_report(store.uri, "empty", out)):
+    for make in (
+        lambda: make_report(store.uri, "empty", out, optuna_storage=store.optuna),
+        lambda: make_grad_report(store.uri, "empty", out),
+    ):
         with pytest.raises(ReportError, match="no finished runs tagged stage=final"):
             make()
     assert not out.exists()
@@ -33,8 +35,19 @@ def test_missing_store_is_not_created(tmp_path):
 
 def test_cli_reports_the_error_and_exits_2(store, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["report", "--experiment", "empty", "--tracking-uri", store.uri, "--optuna-storage", store.optuna,
-                 "--out", str(out)])
+    code = main(
+        [
+            "report",
+            "--experiment",
+            "empty",
+            "--tracking-uri",
+            store.uri,
+            "--optuna-storage",
+            store.optuna,
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 2
     assert "error: experiment 'empty'" in capsys.readouterr().err
     assert not out.exists()

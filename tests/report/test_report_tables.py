@@ -37,7 +37,9 @@ def test_csv_equals_independent_mean_and_interval(store, report_dir):
     table = pd.read_csv(report_dir / "comparison_folder.csv").set_index("loss")
     grouped = runs_by_loss(store, "final")
     assert sorted(table.index) == sorted(grouped) == ["contrastive", "smooth_ap", "triplet"]
-    keys = sorted({k for runs in grouped.values() for r in runs for k in r.data.metrics if k.startswith("test/")})
+    keys = sorted(
+        {k for runs in grouped.values() for r in runs for k in r.data.metrics if k.startswith("test/")}
+    )
     assert "test/map_at_r" in keys and "test/recall_at_8" in keys
     for loss, runs in grouped.items():
         assert table.loc[loss, "n_seeds"] == len(runs)
@@ -66,8 +68,13 @@ def test_markdown_and_latex_show_the_same_numbers_best_in_bold(store, report_dir
     markdown = markdown_cells((report_dir / "comparison_folder.md").read_text())
     latex = (report_dir / "comparison_folder.tex").read_text()
     assert [r"\toprule", r"\midrule", r"\bottomrule"] == re.findall(r"\\(?:top|mid|bottom)rule", latex)
-    columns = {"R@1": "recall_at_1", "R@2": "recall_at_2", "R@4": "recall_at_4", "R@8": "recall_at_8",
-               "MAP@R": "map_at_r"}
+    columns = {
+        "R@1": "recall_at_1",
+        "R@2": "recall_at_2",
+        "R@4": "recall_at_4",
+        "R@8": "recall_at_8",
+        "MAP@R": "map_at_r",
+    }
     for label, metric in columns.items():
         best = table[f"{metric}_mean"].idxmax()
         for loss in table.index:
@@ -89,7 +96,9 @@ def test_ablation_table_equals_independent_statistics(store, report_dir):
     experiment = client.get_experiment_by_name(store.experiment).experiment_id
     by_value: dict[float, list[float]] = {}
     for run in client.search_runs([experiment], "tags.stage = 'ablation'"):
-        by_value.setdefault(float(run.data.params["ablation.value"]), []).append(run.data.metrics["test/map_at_r"])
+        by_value.setdefault(float(run.data.params["ablation.value"]), []).append(
+            run.data.metrics["test/map_at_r"]
+        )
     assert sorted(table["value"]) == sorted(by_value)
     for row in table.itertuples():
         mean, ci = expected_stats(by_value[row.value])
