@@ -17,15 +17,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from bench.config import ConfigError, Experiment, LossConfig
 from bench.data import DatasetBundle, load_dataset
-from bench.tracking import Tracker
 from bench.train import default_checkpoint_path, load_checkpoint, train_and_evaluate
 from bench.tune import format_seconds, with_overrides
+
+if TYPE_CHECKING:  # MLflow is imported by the caller that builds the tracker
+    from bench.tracking import Tracker
 
 Log = Callable[[str], None]
 _UNFINGERPRINTED = ("train.seed", "train.checkpoint_dir", "tracking.", "tune.")

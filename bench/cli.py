@@ -108,8 +108,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     bundle = load_dataset(exp.data)
     studies = tune_losses(exp, names, tracker=tracker, storage=exp.tune.storage, study_name_override=args.study_name,
                           timeout=args.timeout, device=args.device, bundle=bundle)
-    print(budget_report(exp.tune.storage, exp.name, names).to_string(index=False)
-          if not args.study_name else studies[names[0]])
+    if args.study_name:
+        one = studies[names[0]]
+        print(f"study {one.study}: {one.complete} complete, {one.pruned} pruned, {one.failed} failed of "
+              f"{one.budget}; best val MAP@R {one.best_value}")
+    else:
+        print(budget_report(exp.tune.storage, exp.name, names).to_string(index=False))
     if args.no_final or exp.tune.final_seeds == 0 or not all(s.done for s in studies.values()):
         return 0
     rows = {}
@@ -119,6 +123,37 @@ def cmd_tune(args: argparse.Namespace) -> int:
         keys = set.intersection(*(set(f.test_metrics) for f in finals))
         rows[name] = {k: sum(f.test_metrics[k] for f in finals) / len(finals) for k in keys}
     print(f"mean over {exp.tune.final_seeds} final seeds:")
+    print(metrics_table(rows))
+    return 0
+
+
+QUICK = ["tune.trials=2", "tune.epochs=1", "tune.final_epochs=1", "tune.final_seeds=1"]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The main job: tune every loss on an equal budget, run the final seeds, write the report."""
+    from bench.tune import run_main_job
+
+    if args.quick:
+        args.overrides = QUICK + [f"name={args.experiment_name or 'omniglot-quick'}",
+                                  f"tracking.experiment={args.experiment_name or 'omniglot-quick'}"] + args.overrides
+    exp = experiment_from_args(args)
+    names = _loss_list(args.losses)
+    tracker = make_tracker(args, exp)
+    print(f"[run] {exp.name}: {len(names)} losses x {exp.tune.trials} trials of {exp.tune.epochs or exp.train.epochs} "
+          f"epochs, then {exp.tune.final_seeds} final seeds of {exp.tune.final_epochs or exp.train.epochs} epochs; "
+          f"MLflow {_shown_uri(tracker.uri)} experiment {exp.tracking.experiment!r}")
+    result = run_main_job(exp, names, tracker=tracker, storage=args.storage or exp.tune.storage, device=args.device,
+                          timeout=args.timeout, report_dir=args.out)
+    if not result.complete:
+        return 1
+    from bench.report.console import metrics_table
+
+    rows = {}
+    for name, finals in result.finals.items():
+        keys = set.intersection(*(set(f.test_metrics) for f in finals))
+        rows[name] = {k: sum(f.test_metrics[k] for f in finals) / len(finals) for k in keys}
+    print(f"test metrics, mean over {exp.tune.final_seeds} final seed(s):")
     print(metrics_table(rows))
     return 0
 
@@ -250,6 +285,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue an interrupted run from its last checkpoint (default path: "
                             "<train.checkpoint_dir>/<experiment>/<loss>-seed<seed>/last.pt)")
     train.set_defaults(handler=cmd_train)
+
+    run = commands.add_parser(
+        "run", help="the main job: tune all losses on equal budgets, final seeds, report (Omniglot by default)",
+        description="Tune every loss (Optuna, equal budget, validation classes only), retrain each loss's best "
+                    "parameters with several seeds, test once, and write tables and figures to results/<experiment>/. "
+                    "Budgets come from the config's tune section; re-running continues where it stopped.")
+    add_experiment_options(run, loss=False)
+    run.add_argument("--quick", action="store_true",
+                     help="a smoke-sized comparison in a few minutes: " + " ".join(QUICK) + " (experiment omniglot-quick)")
+    run.add_argument("--experiment-name", help="name of the experiment and its studies (with --quick: omniglot-quick)")
+    run.add_argument("--losses", help="comma-separated registry names (default: every registered loss)")
+    run.add_argument("--storage", help="Optuna storage URL (default: the config's tune.storage)")
+    run.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    run.add_argument("--out", help="report folder (default: results/<experiment>/)")
+    run.set_defaults(handler=cmd_run)
 
     tune = commands.add_parser("tune", help="Optuna study per loss on an equal budget, then final seeds",
                                description="One study <experiment>-<loss> per loss (TPE, seeded; pruning on "

@@ -90,6 +90,7 @@ class TrackingConfig:
 class TuneConfig:
     trials: int = 12
     epochs: int | None = None  # training epochs per trial; None = train.epochs
+    final_epochs: int | None = None  # training epochs of each final-seed run; None = train.epochs
     final_seeds: int = 3
     pruner: str = "median"  # median | hyperband | none
     sampler_seed: int = 0

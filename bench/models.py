@@ -80,7 +80,7 @@ def small_convnet(config: ModelConfig, in_channels: int) -> tuple[nn.Module, int
     """Four conv-BN-ReLU-pool blocks (the few-shot literature's Omniglot network, widened) and global pooling."""
     if config.pretrained:
         raise ValueError("model.pretrained: the convnet backbone has no pretrained weights")
-    widths = (32, 64, 128, 256)
+    widths = (16, 32, 64, 128)
     layers, cin = [], in_channels
     for width in widths:
         layers.append(_conv_block(cin, width))

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,7 +29,9 @@ from bench.data import DatasetBundle, load_dataset
 from bench.data.samplers import PKSampler
 from bench.evaluate import evaluate_split
 from bench.models import build_model, parameter_groups
-from bench.tracking import Tracker
+
+if TYPE_CHECKING:  # MLflow is imported only by callers that track, so training runs where it is absent
+    from bench.tracking import Tracker
 
 CHECKPOINT_FORMAT = 1
 EpochCallback = Callable[[int, dict[str, float]], None]

@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import optuna
@@ -35,7 +35,6 @@ import losses as loss_registry
 from bench.config import ConfigError, Experiment, experiment_from_dict
 from bench.data import DatasetBundle, EvalSplit, load_dataset
 from bench.data.splits import class_folds
-from bench.tracking import Tracker
 from bench.train import (
     NonFiniteLossError,
     RunResult,
@@ -43,6 +42,9 @@ from bench.train import (
     load_checkpoint,
     train_and_evaluate,
 )
+
+if TYPE_CHECKING:  # MLflow is imported by the caller that builds the tracker
+    from bench.tracking import Tracker
 
 HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats
 GRACE_PERIOD = 60  # a RUNNING trial without a heartbeat for this long belongs to a dead worker
@@ -175,7 +177,7 @@ def describe_space(exp: Experiment) -> dict[str, str]:
 def recipe_fingerprint(exp: Experiment, space: dict[str, Any]) -> str:
     """Hash of the fixed settings every trial of a study shares (all but the tuned keys, budget and stores)."""
     tuned = set(space) | {f"loss.params.{name}" for name in space}
-    skip = ("tune.trials", "tune.final_seeds", "tune.storage", "tracking.", "train.checkpoint_dir")
+    skip = ("tune.trials", "tune.final_seeds", "tune.final_epochs", "tune.storage", "tracking.", "train.checkpoint_dir")
     fixed = {k: v for k, v in exp.flat().items() if k not in tuned and not k.startswith(skip)}
     return hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -424,7 +426,7 @@ class LossStudy:
         """Run one trial (Optuna handles heartbeats, pruned and failed states); None if the slot went elsewhere."""
         started = time.perf_counter()
         self._number: int | None = None
-        self.study.optimize(self._objective, n_trials=1, catch=(SurplusTrial,), gc_after_trial=True)
+        self.study.optimize(self._objective, n_trials=1, catch=(SurplusTrial,))
         if self._number is None:
             return None
         trial = self.study.get_trials(deepcopy=False)[self._number]
@@ -783,7 +785,7 @@ def run_finals(
     log: Log | None = print,
     study: str | None = None,
 ) -> list[FinalRun]:
-    """Retrain the loss's best trial with each seed on the full recipe (train.epochs) and test it once.
+    """Retrain the loss's best trial with each seed (tune.final_epochs, else train.epochs) and test it once.
 
     Runs already FINISHED in MLflow for this study, best trial and seed are skipped; an interrupted one resumes
     from its checkpoint.
@@ -803,6 +805,7 @@ def run_finals(
             base,
             {
                 "train.seed": seed,
+                "train.epochs": exp.tune.final_epochs or exp.train.epochs,
                 "train.checkpoint_dir": str(
                     Path(exp.train.checkpoint_dir) / "final" / name / f"trial-{best.number}"
                 ),

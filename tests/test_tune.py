@@ -189,7 +189,7 @@ def _counts(storage: str, name: str) -> dict[TrialState, list]:
     return {state: [t for t in trials if t.state == state] for state in TrialState}
 
 
-def _worker(storage: str, workdir: Path, trials: int, epochs: int, *sync: Path) -> subprocess.Popen:
+def _worker(storage: str, workdir: Path, trials: int, epochs: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     command = [
         sys.executable,
@@ -199,7 +199,6 @@ def _worker(storage: str, workdir: Path, trials: int, epochs: int, *sync: Path) 
         str(workdir),
         str(trials),
         str(epochs),
-        *map(str, sync),
     ]
     return subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -245,11 +244,16 @@ def test_a_worker_killed_mid_trial_loses_nothing_and_the_rerun_completes_the_bud
 
 def test_two_workers_share_one_study_and_finish_the_budget_together(tmp_path):
     storage, name, budget = f"sqlite:///{tmp_path / 'optuna.db'}", "omniglot-contrastive", 4
-    ready, go = tmp_path / "ready", tmp_path / "go"
-    other = _worker(storage, tmp_path, budget, 2, ready, go)
-    _wait_for(ready.exists, other)
-    go.write_text("go")
-    tune_worker(storage, tmp_path, budget, 2)  # this test's process is the second worker
+    other = _worker(storage, tmp_path, budget, 2)
+
+    def other_has_started_a_trial() -> bool:
+        try:
+            return len(_counts(storage, name)[TrialState.RUNNING]) == 1
+        except Exception:  # the worker has not created the database or the study yet
+            return False
+
+    _wait_for(other_has_started_a_trial, other)
+    tune_worker(storage, tmp_path, budget, 2)  # this test's process joins as the second worker
     output, _ = other.communicate(timeout=180)
     assert other.returncode == 0, output
     counts = _counts(storage, name)

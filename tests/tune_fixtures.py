@@ -4,13 +4,12 @@ The bundle is synthetic on purpose: each class is a fixed random ink pattern plu
 learn it in a few batches, and building it costs milliseconds (the real Omniglot reader reads 32k images).
 
 Worker use, from the repository root (what the SIGKILL and two-worker tests start):
-    python -m tests.tune_fixtures STORAGE CHECKPOINT_DIR TRIALS EPOCHS [READY_FILE GO_FILE]
+    python -m tests.tune_fixtures STORAGE CHECKPOINT_DIR TRIALS EPOCHS
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -87,11 +86,6 @@ def tune_worker(storage: str, checkpoints: Path, trials: int, epochs: int) -> No
 
 def _main(argv: list[str]) -> None:
     torch.set_num_threads(1)
-    if len(argv) > 4:  # start together with another worker: report ready, wait for the go file
-        ready, go = Path(argv[4]), Path(argv[5])
-        ready.write_text("ready")
-        while not go.exists():
-            time.sleep(0.05)
     tune_worker(argv[0], Path(argv[1]), int(argv[2]), int(argv[3]))
 
 
