@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from collections.abc import Callable
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -147,7 +148,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                           timeout=args.timeout, report_dir=args.out)
     if not result.complete:
         return 1
+    from bench.report import make_grad_report
     from bench.report.console import metrics_table
+
+    grad_dir = Path(args.out or f"results/{exp.tracking.experiment}") / "grad"
+    grad_files = make_grad_report(tracker.uri, exp.tracking.experiment, grad_dir)
+    print(f"[run] gradient analysis: {len(grad_files)} files in {grad_dir}/")
 
     rows = {}
     for name, finals in result.finals.items():
