@@ -134,13 +134,14 @@ def train_and_evaluate(
             f"{checkpoint_path} holds an unfinished run; continue it with --resume, or delete it to start over"
         )
 
+    loss_fn = losses.get_loss(exp.loss.name, **exp.loss.params)  # before reading data: a typo fails at once
     bundle = bundle or load_dataset(exp.data)
     sample_image, _ = bundle.train[0]
     in_channels = int(sample_image.shape[0])
     model = build_model(exp.model, in_channels, exp.train.seed).to(dev)
     if dev.type == "cuda" and exp.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loss_fn = losses.get_loss(exp.loss.name, **exp.loss.params).to(dev)
+    loss_fn = loss_fn.to(dev)
     groups = parameter_groups(model, exp.optim.lr, exp.optim.head_lr)
     if list(loss_fn.parameters()):
         groups.append({"params": list(loss_fn.parameters()), "lr": exp.optim.head_lr or exp.optim.lr, "name": "loss"})

@@ -1,0 +1,37 @@
+import pytest
+
+from bench.cli import build_parser, main
+
+
+def subcommands(parser) -> list[list[str]]:
+    """Every command path, e.g. ['bench', 'loss'], read from the parser itself."""
+    paths = []
+    for action in parser._subparsers._group_actions:
+        for name, sub in action.choices.items():
+            paths.append([name])
+            if sub._subparsers is not None:
+                paths += [[name, *rest] for rest in subcommands(sub)]
+    return paths
+
+
+@pytest.mark.parametrize("path", subcommands(build_parser()), ids=" ".join)
+def test_every_command_explains_itself(path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*path, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: smoothap-bench " + " ".join(path))
+
+
+def test_config_errors_exit_2_naming_the_key(capsys, tmp_path):
+    code = main(["train", "--set", "optim.lrr=1", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    assert code == 2
+    assert "unknown key optim.lrr" in capsys.readouterr().err
+
+
+def test_unknown_loss_exits_2_listing_the_registry(capsys, tmp_path):
+    code = main(["train", "--loss", "nope", "--set", "data.root=/nonexistent",
+                 "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "unknown loss 'nope'" in err and "smooth_ap" in err  # named before any data is read
