@@ -138,7 +138,7 @@ def test_training_improves_retrieval_over_the_initial_network(tmp_path, bundle):
     from bench.evaluate import evaluate_split
     from bench.models import build_model
 
-    exp = tiny_experiment(tmp_path, "train.epochs=4")
+    exp = tiny_experiment(tmp_path, "train.epochs=8", "optim.lr_decay_epochs=[]")
     initial = evaluate_split(build_model(exp.model, 1, exp.train.seed), bundle.tests[0], exp.eval, torch.device("cpu"))
     trained = train_and_evaluate(exp, bundle=bundle, progress=False).test_metrics
     assert trained["test/map_at_r"] > initial["test/map_at_r"] + 0.05

@@ -59,6 +59,8 @@ def tiny_experiment(
             f"train.epochs={epochs}",
             f"train.checkpoint_dir={workdir / 'checkpoints'}",
             f"tune.trials={trials}",
+            "tune.epochs=null",  # trials and final runs train for train.epochs, whatever the bundled config says
+            "tune.final_epochs=null",
             f"tune.storage=sqlite:///{workdir / 'optuna.db'}",
             "eval.batch_size=64",
             "optim.lr_decay_epochs=[]",
