@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma-separated batch sizes (default: 224,384,1024,4096,8192)")
     loss.add_argument("--samples-per-class", type=int, default=4)
     loss.add_argument("--dim", type=int, default=512, help="embedding size (default: 512)")
-    loss.add_argument("--losses", help="comma-separated subset (default: all, plus the two reference Smooth-APs)")
+    loss.add_argument("--losses", help="comma-separated subset: registry names, smooth_ap_bbb (released B x B x B algorithm), smooth_ap_pml (default: all)")
     loss.add_argument("--repeats", type=int, default=3, help="timed passes per case; the fastest counts")
     loss.add_argument("--threads", type=int, help="torch threads per case (default: torch's own)")
     loss.add_argument("--max-bbb-gb", type=float, default=4.0,

@@ -13,7 +13,7 @@ released code materialises a B x B x B tensor instead and needs equal, contiguou
 retrieval set. Queries with no other same-label item are skipped in both modes.
 
 The ranking part is a custom autograd Function over the similarity matrix: the forward pass keeps only the
-per-pair numerators and denominators, the backward pass recomputes the sigmoids chunk by chunk and applies
+per-pair numerators and denominators, the backward pass recomputes the sigmoids chunk by chunk (or reuses them when one chunk holds every pair) and applies
 the analytic gradient, so peak memory is O(B^2 + chunk * B) and never B^3.
 """
 
@@ -91,6 +91,8 @@ class _SmoothAPRanking(torch.autograd.Function):
             numer[start : start + chunk] = 1.0 + torch.where(positive, sig, 0.0).sum(1)
         ctx.save_for_backward(sims, labels, q_idx, i_idx, weight, numer, denom)
         ctx.settings = (temperature, include_self, chunk)
+        # One chunk holds every pair: keep its sigmoids (O(P * B) memory) rather than recompute them.
+        ctx.single_chunk = (sig, positive) if q_idx.numel() <= chunk else None
         return 1.0 - (weight.to(sims.dtype) * numer / denom).sum()
 
     @staticmethod
@@ -103,8 +105,12 @@ class _SmoothAPRanking(torch.autograd.Function):
         for start in range(0, q_idx.numel(), chunk):
             stop = start + chunk
             q, i = q_idx[start:stop], i_idx[start:stop]
-            sig = _chunk_sigmoids(sims, q, i, temperature, include_self)
-            positive = labels.unsqueeze(0) == labels[q].unsqueeze(1)
+            if ctx.single_chunk is not None:
+                cached_sig, positive = ctx.single_chunk
+                sig = cached_sig.clone()  # a second backward (retain_graph) must find it unchanged
+            else:
+                sig = _chunk_sigmoids(sims, q, i, temperature, include_self)
+                positive = labels.unsqueeze(0) == labels[q].unsqueeze(1)
             inv_d = (1.0 / denom[start:stop]).unsqueeze(1)
             n_over_d2 = (numer[start:stop] / denom[start:stop] ** 2).unsqueeze(1)
             coef = torch.where(positive, inv_d - n_over_d2, -n_over_d2)

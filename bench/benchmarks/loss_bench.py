@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 OURS = "smooth_ap"
-BBB = "smooth_ap_bbb (released algorithm)"
+BBB = "smooth_ap_bbb"  # the released code's B x B x B algorithm, re-implemented
 PML = "smooth_ap_pml"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -151,7 +151,7 @@ def run_loss_bench(
 ) -> pd.DataFrame:
     """One row per (batch size, loss) with time_ms, peak_mb, their ratios to ours, and a status.
 
-    `losses`: registry names plus "smooth_ap_bbb (released algorithm)" and "smooth_ap_pml"; default all.
+    `losses`: registry names plus "smooth_ap_bbb" (the released B x B x B algorithm) and "smooth_ap_pml"; default all.
     The B^3 versions are skipped where their estimated memory exceeds `max_bbb_gb`.
     """
     from losses import available_losses
