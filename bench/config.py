@@ -176,6 +176,12 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         value = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"override {key}: value {text!r} is not valid YAML") from error
+    set_path(raw, key.strip(), value)
+
+
+def set_path(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set dotted `key` in a raw config tree, creating sections on the way."""
+    keys = key.split(".")
     node = raw
     for depth, part in enumerate(keys[:-1]):
         child = node.setdefault(part, {})

@@ -32,7 +32,7 @@ from optuna.distributions import distribution_to_json
 from optuna.trial import TrialState
 
 import losses as loss_registry
-from bench.config import ConfigError, Experiment, experiment_from_dict
+from bench.config import ConfigError, Experiment, experiment_from_dict, set_path
 from bench.data import DatasetBundle, EvalSplit, load_dataset
 from bench.data.splits import class_folds
 from bench.train import (
@@ -104,14 +104,7 @@ def with_overrides(exp: Experiment, overrides: dict[str, Any]) -> Experiment:
     """A copy of `exp` with dotted keys (`optim.lr`, `loss.params.margin`) set; unknown keys raise ConfigError."""
     raw = exp.to_dict()
     for key, value in overrides.items():
-        node = raw
-        parts = key.split(".")
-        for depth, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"{key}: {'.'.join(parts[: depth + 1])} is not a section")
-            node = child
-        node[parts[-1]] = value
+        set_path(raw, key, value)
     return experiment_from_dict(raw)
 
 
