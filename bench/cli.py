@@ -98,6 +98,12 @@ def _loss_list(text: str | None) -> list[str]:
     return names
 
 
+def mean_test_metrics(finals) -> dict[str, float]:
+    """Each test metric's mean over a loss's final-seed runs (the metrics every run has)."""
+    keys = set.intersection(*(set(f.test_metrics) for f in finals))
+    return {k: sum(f.test_metrics[k] for f in finals) / len(finals) for k in keys}
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from bench.data import load_dataset
     from bench.report.console import metrics_table
@@ -117,12 +123,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(budget_report(exp.tune.storage, exp.name, names).to_string(index=False))
     if args.no_final or exp.tune.final_seeds == 0 or not all(s.done for s in studies.values()):
         return 0
-    rows = {}
-    for name in names:
-        finals = run_finals(exp, name, tracker=tracker, storage=exp.tune.storage, device=args.device, bundle=bundle,
-                            study=args.study_name)
-        keys = set.intersection(*(set(f.test_metrics) for f in finals))
-        rows[name] = {k: sum(f.test_metrics[k] for f in finals) / len(finals) for k in keys}
+    rows = {name: mean_test_metrics(run_finals(exp, name, tracker=tracker, storage=exp.tune.storage,
+                                               device=args.device, bundle=bundle, study=args.study_name))
+            for name in names}
     print(f"mean over {exp.tune.final_seeds} final seeds:")
     print(metrics_table(rows))
     return 0
@@ -155,10 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     grad_files = make_grad_report(tracker.uri, exp.tracking.experiment, grad_dir)
     print(f"[run] gradient analysis: {len(grad_files)} files in {grad_dir}/")
 
-    rows = {}
-    for name, finals in result.finals.items():
-        keys = set.intersection(*(set(f.test_metrics) for f in finals))
-        rows[name] = {k: sum(f.test_metrics[k] for f in finals) / len(finals) for k in keys}
+    rows = {name: mean_test_metrics(finals) for name, finals in result.finals.items()}
     print(f"test metrics, mean over {exp.tune.final_seeds} final seed(s):")
     print(metrics_table(rows))
     return 0

@@ -15,6 +15,7 @@ from typing import Any
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 DEFAULT_URI = "sqlite:///results/mlflow.db"
@@ -58,6 +59,16 @@ class Tracker:
             tags.setdefault("mlflow.source.git.commit", commit)
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         return run.info.run_id
+
+    def has_run(self, run_id: str | None) -> bool:
+        """Whether this store holds `run_id` (a study may have been tuned against another store)."""
+        if not run_id:
+            return False
+        try:
+            self.client.get_run(run_id)
+            return True
+        except MlflowException:
+            return False
 
     def resume_run(self, run_id: str) -> str:
         """Reopen a run (after --resume) so its metrics continue in the same place."""

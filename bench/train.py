@@ -280,10 +280,8 @@ def _train_one_epoch(model, loss_fn, loader, optimizer, exp: Experiment, dev: to
 
 def _log_run_setup(tracker: Tracker, run_id: str, exp: Experiment, bundle: DatasetBundle) -> None:
     """Params (the flattened config plus the names reports group by), dataset identity, and the YAML config."""
-    params = exp.flat()
+    params = loggable_params(exp)
     params.update({"loss": exp.loss.name, "dataset": exp.data.name, "seed": exp.train.seed})
-    params.pop("tracking.uri", None)  # may carry a server's credentials; the run lives there anyway
-    params.pop("tune.storage", None)
     tracker.log_params(run_id, params)
     tracker.set_tags(run_id, {"dataset": exp.data.name, "dataset_hash": bundle.info.get("content_hash", ""),
                               "loss": exp.loss.name})
@@ -300,6 +298,14 @@ def _log_run_setup(tracker: Tracker, run_id: str, exp: Experiment, bundle: Datas
         if problems:
             (Path(tmp) / "data_problems.txt").write_text("\n".join(problems) + "\n")
             tracker.log_artifact(run_id, Path(tmp) / "data_problems.txt")
+
+
+def loggable_params(exp: Experiment) -> dict:
+    """The flattened config without store URLs: they may carry a server's credentials, and the run lives there anyway."""
+    params = exp.flat()
+    params.pop("tracking.uri", None)
+    params.pop("tune.storage", None)
+    return params
 
 
 def skipped_images(bundle: DatasetBundle) -> int:

@@ -40,6 +40,7 @@ from bench.train import (
     RunResult,
     default_checkpoint_path,
     load_checkpoint,
+    loggable_params,
     train_and_evaluate,
 )
 
@@ -349,7 +350,7 @@ class LossStudy:
             run_id = optuna.load_study(study_name=self.name, storage=self.study._storage).user_attrs.get(
                 "mlflow_parent_run_id"
             )
-        if run_id is not None and self._run_exists(run_id):
+        if run_id is not None and self.tracker.has_run(run_id):
             if self.tracker.client.get_run(run_id).info.status != "RUNNING" and not self.summary().done:
                 self.tracker.resume_run(run_id)  # the budget was raised: the study is open again
             return run_id
@@ -370,13 +371,6 @@ class LossStudy:
         )
         self.study.set_user_attr("mlflow_parent_run_id", run_id)
         return run_id
-
-    def _run_exists(self, run_id: str) -> bool:
-        try:
-            self.tracker.client.get_run(run_id)
-            return True
-        except Exception:  # MlflowException: the study was tuned against another tracking store
-            return False
 
     # ------------------------------------------------------------------ state
 
@@ -493,7 +487,7 @@ class LossStudy:
             self.tracker.log_params(
                 run_id,
                 {
-                    **_loggable(texp),
+                    **loggable_params(texp),
                     "loss": texp.loss.name,
                     "dataset": texp.data.name,
                     "seed": texp.train.seed,
@@ -584,13 +578,6 @@ def _report(trial: optuna.Trial, value: float, step: int, last: bool) -> None:
     trial.report(value, step)
     if not last and trial.should_prune():
         raise optuna.TrialPruned(f"pruned at step {step} with {OBJECTIVE}={value:.4f}")
-
-
-def _loggable(exp: Experiment) -> dict[str, Any]:
-    params = exp.flat()
-    params.pop("tracking.uri", None)
-    params.pop("tune.storage", None)
-    return params
 
 
 def fold_bundle(
@@ -820,7 +807,7 @@ def run_finals(
             evaluate_test=True,
             run_name=f"{loss}-final-seed{seed}",
             tags=tags,
-            parent_run_id=parent if tracker is not None and _exists(tracker, parent) else None,
+            parent_run_id=parent if tracker is not None and tracker.has_run(parent) else None,
             bundle=bundle,
             progress=False,
         )
@@ -832,16 +819,6 @@ def run_finals(
                 f"{format_seconds(time.perf_counter() - started)}"
             )
     return results
-
-
-def _exists(tracker: Tracker, run_id: str | None) -> bool:
-    if not run_id:
-        return False
-    try:
-        tracker.client.get_run(run_id)
-        return True
-    except Exception:  # MlflowException: not in this store
-        return False
 
 
 def _finished_final(tracker: Tracker | None, tags: dict[str, str], seed: int):
