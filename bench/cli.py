@@ -223,7 +223,8 @@ def cmd_bench_loss(args: argparse.Namespace) -> int:
     device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
     table = run_loss_bench(batch_sizes=args.batch_sizes, samples_per_class=args.samples_per_class, dim=args.dim,
                            device=device, losses=args.losses.split(",") if args.losses else None,
-                           repeats=args.repeats, threads=args.threads, max_bbb_gb=args.max_bbb_gb)
+                           repeats=args.repeats, min_seconds=args.min_seconds, threads=args.threads,
+                           max_bbb_gb=args.max_bbb_gb)
     print(format_table(table))
     return 0
 
@@ -381,7 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--samples-per-class", type=int, default=4)
     loss.add_argument("--dim", type=int, default=512, help="embedding size (default: 512)")
     loss.add_argument("--losses", help="comma-separated subset: registry names, smooth_ap_bbb (released B x B x B algorithm), smooth_ap_pml (default: all)")
-    loss.add_argument("--repeats", type=int, default=3, help="timed passes per case; the fastest counts")
+    loss.add_argument("--repeats", type=int, default=3,
+                      help="at least this many timed passes per case; the fastest counts (default: 3)")
+    loss.add_argument("--min-seconds", type=float, default=1.0,
+                      help="keep timing a case until its passes add up to this many seconds, as timeit does, "
+                           "so fast cases get enough passes to find an undisturbed one (default: 1)")
     loss.add_argument("--threads", type=int, help="torch threads per case (default: torch's own)")
     loss.add_argument("--max-bbb-gb", type=float, default=4.0,
                       help="skip the B x B x B algorithm where it would need more memory (default: 4)")

@@ -8,8 +8,10 @@ Each (loss, batch size) case runs in a fresh subprocess, so its peak memory is i
 - CPU: growth of the process's resident-set high-water mark (getrusage ru_maxrss) over the case, measured
   after torch is imported and the inputs exist. It includes allocator slack, so it is an upper bound.
 - CUDA: torch.cuda.max_memory_allocated above the memory held before the case.
-Time is the fastest of `repeats` forward+backward passes after one warm-up pass (the least disturbed by
-other processes on a shared machine). `threads` sets torch's intra-op threads in each case (CPU).
+Time is the fastest forward+backward pass after one warm-up pass: the least disturbed by other processes on
+a shared machine. Each case runs at least `repeats` passes and keeps going until `min_seconds` of passes
+are timed, as timeit does, so a millisecond case gets enough draws to find an undisturbed one; the median
+is reported beside the minimum to show how noisy the machine was. `threads` sets torch's intra-op threads in each case (CPU).
 """
 
 from __future__ import annotations
@@ -75,7 +77,14 @@ def _build(name: str, batch: int, samples_per_class: int):
 
 
 def _measure_case(
-    name: str, batch: int, samples_per_class: int, dim: int, device: str, repeats: int, threads: int | None
+    name: str,
+    batch: int,
+    samples_per_class: int,
+    dim: int,
+    device: str,
+    repeats: int,
+    threads: int | None,
+    min_seconds: float = 0.0,
 ) -> dict:
     """Run in a fresh process: time and peak memory of forward+backward for one case."""
     import resource
@@ -102,7 +111,7 @@ def _measure_case(
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     step()
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats or sum(times) < min_seconds:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
@@ -110,8 +119,13 @@ def _measure_case(
         peak = torch.cuda.max_memory_allocated() - held
     else:
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
-    # the minimum is the least disturbed by other processes on a shared machine
-    return {"time_ms": 1000 * min(times), "peak_mb": peak / 2**20}
+    times.sort()
+    return {
+        "time_ms": 1000 * times[0],
+        "median_ms": 1000 * times[len(times) // 2],
+        "passes": len(times),
+        "peak_mb": peak / 2**20,
+    }
 
 
 def _run_case_subprocess(args: dict, timeout_s: float) -> dict:
@@ -144,6 +158,7 @@ def run_loss_bench(
     device: str = "cpu",
     losses: list[str] | None = None,
     repeats: int = 3,
+    min_seconds: float = 1.0,
     threads: int | None = None,
     max_bbb_gb: float = 4.0,
     timeout_s: float = 600.0,
@@ -174,32 +189,37 @@ def run_loss_bench(
                     "device": device,
                     "repeats": repeats,
                     "threads": threads,
+                    "min_seconds": min_seconds,
                 }
                 row.update(_run_case_subprocess(args, timeout_s))
             if progress:
                 print(_format_row(row), file=sys.stderr, flush=True)
             rows.append(row)
     table = pd.DataFrame(rows)
-    for column in ("time_ms", "peak_mb"):
+    for column in ("time_ms", "median_ms", "passes", "peak_mb"):
         if column not in table:
             table[column] = float("nan")
     ours = table[table["loss"] == OURS].set_index("batch_size")
     table["time_x_ours"] = table["time_ms"] / table["batch_size"].map(ours["time_ms"])
     table["peak_x_ours"] = table["peak_mb"] / table["batch_size"].map(ours["peak_mb"])
-    return table[["batch_size", "loss", "time_ms", "peak_mb", "time_x_ours", "peak_x_ours", "status"]]
+    columns = ["batch_size", "loss", "time_ms", "median_ms", "passes", "peak_mb", "time_x_ours", "peak_x_ours"]
+    return table[columns + ["status"]]
 
 
 def _format_row(row: dict) -> str:
     if row.get("status") != "ok":
         return f"B={row['batch_size']:>6} {row['loss']:<36} {row.get('status')}"
-    return f"B={row['batch_size']:>6} {row['loss']:<36} {row['time_ms']:10.2f} ms {row['peak_mb']:10.1f} MB"
+    return (
+        f"B={row['batch_size']:>6} {row['loss']:<36} {row['time_ms']:10.2f} ms (median {row['median_ms']:.2f}, "
+        f"{row['passes']} passes) {row['peak_mb']:10.1f} MB"
+    )
 
 
 def format_table(df: pd.DataFrame) -> str:
     """Markdown table; ratios are relative to our Smooth-AP at the same batch size."""
     lines = [
-        "| B | loss | fwd+bwd ms | peak MB | time / ours | peak / ours | status |",
-        "|---:|---|---:|---:|---:|---:|---|",
+        "| B | loss | fwd+bwd ms (fastest) | median ms | passes | peak MB | time / ours | peak / ours | status |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
 
     def num(value: float, digits: int) -> str:
@@ -207,7 +227,8 @@ def format_table(df: pd.DataFrame) -> str:
 
     for row in df.itertuples():
         lines.append(
-            f"| {row.batch_size} | {row.loss} | {num(row.time_ms, 2)} | {num(row.peak_mb, 1)} | "
+            f"| {row.batch_size} | {row.loss} | {num(row.time_ms, 2)} | {num(row.median_ms, 2)} | "
+            f"{num(row.passes, 0)} | {num(row.peak_mb, 1)} | "
             f"{num(row.time_x_ours, 1)} | {num(row.peak_x_ours, 1)} | {row.status} |"
         )
     return "\n".join(lines)

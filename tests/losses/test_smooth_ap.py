@@ -59,6 +59,37 @@ def test_matches_brute_force_loop(include_self, seed):
     assert abs(loss(emb, labels).item() - expected) < 1e-10
 
 
+def equal_class_batch(seed: int, classes: int = 5, per_class: int = 4, dim: int = 6):
+    """A shuffled P x K batch: one group holding every query, the layout training batches have."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    labels = labels[torch.randperm(labels.numel(), generator=gen)]
+    emb = torch.randn(labels.numel(), dim, generator=gen, dtype=torch.float64)
+    return torch.nn.functional.normalize(emb, dim=1), labels
+
+
+@pytest.mark.parametrize("include_self", [False, True])
+@pytest.mark.parametrize("chunk_elements", [30, 2**22])  # several blocks, recomputed; one block, reused
+def test_equal_class_batch_matches_brute_force_and_gradcheck(include_self, chunk_elements):
+    emb, labels = equal_class_batch(5)
+    loss = SmoothAP(temperature=0.05, include_self=include_self, chunk_elements=chunk_elements)
+    expected = brute_force_loss(emb, labels, 0.05, include_self)
+    assert abs(loss(emb, labels).item() - expected) < 1e-10
+    emb.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda e: loss(e, labels), (emb,))
+
+
+@pytest.mark.parametrize("chunk_elements", [30, 2**22])
+def test_second_backward_gives_the_same_gradient(chunk_elements):
+    """retain_graph: a second backward must not find the reused sigmoids changed by the first."""
+    emb, labels = uneven_batch(6)
+    emb.requires_grad_(True)
+    value = SmoothAP(temperature=0.05, chunk_elements=chunk_elements)(emb, labels)
+    (first,) = torch.autograd.grad(value, emb, retain_graph=True)
+    (second,) = torch.autograd.grad(value, emb)
+    assert torch.equal(first, second)
+
+
 @pytest.mark.parametrize("include_self", [False, True])
 def test_gradcheck_float64(include_self):
     emb, labels = uneven_batch(3, dim=4)
