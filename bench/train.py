@@ -280,9 +280,7 @@ def _train_one_epoch(model, loss_fn, loader, optimizer, exp: Experiment, dev: to
 
 def _log_run_setup(tracker: Tracker, run_id: str, exp: Experiment, bundle: DatasetBundle) -> None:
     """Params (the flattened config plus the names reports group by), dataset identity, and the YAML config."""
-    params = loggable_params(exp)
-    params.update({"loss": exp.loss.name, "dataset": exp.data.name, "seed": exp.train.seed})
-    tracker.log_params(run_id, params)
+    tracker.log_params(run_id, loggable_params(exp))
     tracker.set_tags(run_id, {"dataset": exp.data.name, "dataset_hash": bundle.info.get("content_hash", ""),
                               "loss": exp.loss.name})
     info = {k: v for k, v in bundle.info.items() if k not in ("content_hash", "problems")}
@@ -301,10 +299,12 @@ def _log_run_setup(tracker: Tracker, run_id: str, exp: Experiment, bundle: Datas
 
 
 def loggable_params(exp: Experiment) -> dict:
-    """The flattened config without store URLs: they may carry a server's credentials, and the run lives there anyway."""
+    """The flattened config plus the names reports group by (loss, dataset, seed), without store URLs: they may
+    carry a server's credentials, and the run lives there anyway."""
     params = exp.flat()
     params.pop("tracking.uri", None)
     params.pop("tune.storage", None)
+    params.update({"loss": exp.loss.name, "dataset": exp.data.name, "seed": exp.train.seed})
     return params
 
 

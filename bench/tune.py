@@ -484,15 +484,7 @@ class LossStudy:
         run_id = None
         if self.tracker is not None:
             run_id = self.tracker.start_run(f"{self.name}-trial{trial.number}", tags, self.parent_run_id)
-            self.tracker.log_params(
-                run_id,
-                {
-                    **loggable_params(texp),
-                    "loss": texp.loss.name,
-                    "dataset": texp.data.name,
-                    "seed": texp.train.seed,
-                },
-            )
+            self.tracker.log_params(run_id, loggable_params(texp))
         scores: list[float] = []
         try:
             for fold, (train_idx, val_idx) in enumerate(folds):

@@ -32,13 +32,14 @@ from torch import Tensor
 from losses import register
 
 
-def query_groups(labels: Tensor, include_self: bool) -> list[tuple[Tensor, Tensor]]:
+def query_groups(labels: Tensor, include_self: bool, device: torch.device) -> list[tuple[Tensor, Tensor]]:
     """The queries that have a positive, grouped by class size: (queries[n], positives[n, m]) per size.
 
     Queries of one group have the same number m of positives (class size - 1, or the class size itself with
     `include_self`), so their sigmoids form a dense n x m x B block. Queries are ascending: a batch whose
     classes all have the same size (a P x K batch) is one group holding every query in order. Built with
-    NumPy on the host: a dozen tiny index operations cost a tenth as much there as as torch dispatches.
+    NumPy on the host, where a dozen tiny index operations cost a fraction of as many torch dispatches; the
+    index tensors are then put on `device`.
     """
     codes = labels.detach().reshape(-1).cpu().numpy()
     members_in_order = np.argsort(codes, kind="stable")  # class by class, ascending within a class
@@ -57,7 +58,7 @@ def query_groups(labels: Tensor, include_self: bool) -> list[tuple[Tensor, Tenso
         positives = members_in_order[class_start[inverse[queries]][:, None] + np.arange(size)]
         if not include_self:
             positives = positives[positives != queries[:, None]].reshape(-1, size - 1)
-        groups.append((torch.from_numpy(queries).to(labels.device), torch.from_numpy(positives).to(labels.device)))
+        groups.append((torch.from_numpy(queries).to(device), torch.from_numpy(positives).to(device)))
     return groups
 
 
@@ -186,7 +187,7 @@ def smooth_ap_loss_from_similarities(
     """1 - mean Smooth-AP from a B x B similarity matrix; None when no query has a positive."""
     if sims.dim() != 2 or sims.shape[0] != sims.shape[1] or sims.shape[0] != labels.numel():
         raise ValueError(f"sims must be B x B for B = {labels.numel()} labels, got {tuple(sims.shape)}")
-    groups = query_groups(labels.to(sims.device), include_self)
+    groups = query_groups(labels, include_self, sims.device)
     if not groups:
         return None
     return _SmoothAPRanking.apply(sims, groups, float(temperature), bool(include_self), int(chunk_elements))

@@ -11,7 +11,8 @@ Each (loss, batch size) case runs in a fresh subprocess, so its peak memory is i
 Time is the fastest forward+backward pass after one warm-up pass: the least disturbed by other processes on
 a shared machine. Each case runs at least `repeats` passes and keeps going until `min_seconds` of passes
 are timed, as timeit does, so a millisecond case gets enough draws to find an undisturbed one; the median
-is reported beside the minimum to show how noisy the machine was. `threads` sets torch's intra-op threads in each case (CPU).
+is reported beside the minimum to show how noisy the machine was. `threads` sets torch's intra-op threads
+in each case (CPU).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def _measure_case(
     device: str,
     repeats: int,
     threads: int | None,
-    min_seconds: float = 0.0,
+    min_seconds: float,
 ) -> dict:
     """Run in a fresh process: time and peak memory of forward+backward for one case."""
     import resource
