@@ -134,13 +134,19 @@ def cmd_tune(args: argparse.Namespace) -> int:
 QUICK = ["tune.trials=2", "tune.epochs=1", "tune.final_epochs=1", "tune.final_seeds=1"]
 
 
+def run_overrides(args: argparse.Namespace) -> list[str]:
+    """--quick's budget and --experiment-name (the experiment's name, MLflow experiment and study prefix) as
+    config overrides, before the user's own --set ones so that those still win."""
+    name = args.experiment_name or ("omniglot-quick" if args.quick else None)
+    renamed = [f"name={name}", f"tracking.experiment={name}"] if name else []
+    return (QUICK if args.quick else []) + renamed + args.overrides
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """The main job: tune every loss on an equal budget, run the final seeds, write the report."""
     from bench.tune import run_main_job
 
-    if args.quick:
-        args.overrides = QUICK + [f"name={args.experiment_name or 'omniglot-quick'}",
-                                  f"tracking.experiment={args.experiment_name or 'omniglot-quick'}"] + args.overrides
+    args.overrides = run_overrides(args)
     exp = experiment_from_args(args)
     names = _loss_list(args.losses)
     tracker = make_tracker(args, exp)
@@ -301,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_experiment_options(run, loss=False)
     run.add_argument("--quick", action="store_true",
                      help="a smoke-sized comparison in a few minutes: " + " ".join(QUICK) + " (experiment omniglot-quick)")
-    run.add_argument("--experiment-name", help="name of the experiment and its studies (with --quick: omniglot-quick)")
+    run.add_argument("--experiment-name", help="name of the experiment, its MLflow experiment and its studies (default: the config's; with --quick: omniglot-quick)")
     run.add_argument("--losses", help="comma-separated registry names (default: every registered loss)")
     run.add_argument("--storage", help="Optuna storage URL (default: the config's tune.storage)")
     run.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")

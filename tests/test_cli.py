@@ -35,3 +35,21 @@ def test_unknown_loss_exits_2_listing_the_registry(capsys, tmp_path):
     assert code == 2
     err = capsys.readouterr().err
     assert "unknown loss 'nope'" in err and "smooth_ap" in err  # named before any data is read
+
+
+@pytest.mark.parametrize(
+    ("argv", "name", "trials"),
+    [
+        (["run"], "omniglot", 5),
+        (["run", "--experiment-name", "abl"], "abl", 5),  # a full run under its own name
+        (["run", "--quick"], "omniglot-quick", 2),
+        (["run", "--quick", "--experiment-name", "q2", "--set", "tune.trials=3"], "q2", 3),  # --set still wins
+    ],
+)
+def test_run_names_its_experiment_and_applies_the_quick_budget(argv, name, trials):
+    from bench.cli import experiment_from_args, run_overrides
+
+    args = build_parser().parse_args(argv)
+    args.overrides = run_overrides(args)
+    exp = experiment_from_args(args)
+    assert (exp.name, exp.tracking.experiment, exp.tune.trials) == (name, name, trials)
