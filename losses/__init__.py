@@ -1,9 +1,9 @@
 """Loss registry: every module in this package registers one loss, so dropping a file in makes it usable.
 
 A loss is a `torch.nn.Module` called as `loss(embeddings[B, D], labels[B]) -> scalar`, where the embeddings
-are already L2-normalised by the model's head. Each module declares beside its class the default parameters,
-an Optuna search space over the constructor's keyword arguments, and the miner it uses (if any), and ends
-with a `register(...)` call. See losses/README.md for a complete example.
+are already L2-normalised by the model's head. Its defaults live in the constructor's signature (every
+argument has one), so a module declares only its Optuna search space over those arguments and the miner it
+uses (if any), and ends with `register(name, cls, search_space, miner=...)`. See losses/README.md.
 """
 
 from __future__ import annotations
@@ -26,18 +26,33 @@ class LossSpec:
 
     name: str
     cls: type[torch.nn.Module]
-    defaults: dict[str, Any] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)  # keyword -> default, from the signature
     search_space: Callable[[Any], dict[str, Any]] | None = None  # (optuna.Trial) -> params
     miner: str | None = None  # human-readable name of the miner the loss uses, for reports
 
     def param_names(self) -> list[str]:
         """Keyword arguments the constructor accepts."""
-        signature = inspect.signature(self.cls.__init__)
-        return [
-            p.name
-            for p in signature.parameters.values()
-            if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        ]
+        return [p.name for p in _keyword_parameters(self.cls)]
+
+
+def _keyword_parameters(cls: type[torch.nn.Module]) -> list[inspect.Parameter]:
+    """The constructor's parameters that can be passed by keyword (not *args, **kwargs or positional-only)."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p for p in inspect.signature(cls).parameters.values() if p.kind in kinds]
+
+
+def _signature_defaults(name: str, cls: type[torch.nn.Module]) -> dict[str, Any]:
+    """The constructor's keyword defaults: the single place a loss states them, so `get_loss(name)` with
+    no parameters builds exactly `cls()`. A parameter without a default is an error naming it."""
+    defaults = {}
+    for param in _keyword_parameters(cls):
+        if param.default is param.empty:
+            raise ValueError(
+                f"loss {name!r}: parameter {param.name!r} of {cls.__name__} has no default; the registry "
+                "reads every default from the constructor's signature"
+            )
+        defaults[param.name] = param.default
+    return defaults
 
 
 _REGISTRY: dict[str, LossSpec] = {}
@@ -46,15 +61,16 @@ _REGISTRY: dict[str, LossSpec] = {}
 def register(
     name: str,
     cls: type[torch.nn.Module],
-    defaults: dict[str, Any],
     search_space: Callable[[Any], dict[str, Any]] | None = None,
     miner: str | None = None,
 ) -> LossSpec:
-    """Add a loss under `name`; defaults must be constructor keyword arguments."""
-    spec = LossSpec(name=name, cls=cls, defaults=dict(defaults), search_space=search_space, miner=miner)
-    unknown = sorted(set(spec.defaults) - set(spec.param_names()))
-    if unknown:
-        raise ValueError(f"loss {name!r}: defaults {unknown} are not arguments of {cls.__name__}")
+    """Add a loss under `name`, its defaults read from the signature of `cls`."""
+    if search_space is not None and not callable(search_space):
+        raise TypeError(
+            f"loss {name!r}: search_space must be a function (optuna.Trial) -> dict, got {search_space!r} "
+            f"(defaults are read from the signature of {cls.__name__})"
+        )
+    spec = LossSpec(name, cls, _signature_defaults(name, cls), search_space, miner)
     existing = _REGISTRY.get(name)
     if existing is not None and existing.cls is not cls:
         raise ValueError(f"loss {name!r} is already registered by {existing.cls.__module__}")
@@ -78,7 +94,8 @@ def get_loss(name: str, **params: Any) -> torch.nn.Module:
     unknown = sorted(set(params) - set(valid))
     if unknown:
         raise ValueError(
-            f"loss {name!r} has no parameter {', '.join(map(repr, unknown))}; valid parameters: {', '.join(valid)}"
+            f"loss {name!r} has no parameter {', '.join(map(repr, unknown))}; "
+            f"valid parameters: {', '.join(valid)}"
         )
     return spec.cls(**{**spec.defaults, **params})
 

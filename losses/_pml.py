@@ -1,9 +1,13 @@
-"""Evaluate a pytorch-metric-learning based loss on a given similarity matrix (for gradient introspection).
+"""The base of the pytorch-metric-learning wrappers, and their evaluation on a given similarity matrix.
 
-PML losses and miners compute their own distance matrix from the embeddings through a `.distance` module.
-Here every such module is temporarily replaced by one that returns a matrix derived from the given
-similarities S of unit vectors: S itself for cosine similarity, ||a - b|| = sqrt(2 - 2 s) (to the distance's
-power) for the Euclidean distance. Autograd then flows into S, row q holding anchor/query q's view.
+`PMLLoss` holds a PML loss and an optional PML miner; a wrapper module only builds and validates the two
+from its constructor's arguments.
+
+For gradient introspection: PML losses and miners compute their own distance matrix from the embeddings
+through a `.distance` module. Here every such module is temporarily replaced by one that returns a matrix
+derived from the given similarities S of unit vectors: S itself for cosine similarity, ||a - b|| =
+sqrt(2 - 2 s) (to the distance's power) for the Euclidean distance. Autograd then flows into S, row q holding
+anchor/query q's view.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from contextlib import contextmanager
 
 import torch
 from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity, DotProductSimilarity, LpDistance
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.miners import BaseMiner
 from torch import Tensor, nn
 
 
@@ -51,8 +57,21 @@ def precomputed_distances(module: nn.Module, sims: Tensor) -> Iterator[None]:
             owner.distance = original
 
 
-def pml_forward_similarities(module: nn.Module, sims: Tensor, labels: Tensor) -> Tensor:
-    """`module(embeddings, labels)` evaluated as a function of the similarity matrix `sims`."""
-    placeholder = torch.zeros(sims.shape[0], 1, dtype=sims.dtype, device=sims.device)
-    with precomputed_distances(module, sims):
-        return module(placeholder, labels.to(sims.device))
+class PMLLoss(nn.Module):
+    """A PML loss on the pairs or triplets its miner picks (every pair or triplet without a miner)."""
+
+    def __init__(self, loss: BaseMetricLossFunction, miner: BaseMiner | None = None):
+        super().__init__()
+        self.loss = loss
+        self.miner = miner
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        if self.miner is None:
+            return self.loss(embeddings, labels)
+        return self.loss(embeddings, labels, self.miner(embeddings, labels))
+
+    def forward_similarities(self, sims: Tensor, labels: Tensor) -> Tensor:
+        """The loss as a function of the similarity matrix, for losses.introspect."""
+        placeholder = torch.zeros(sims.shape[0], 1, dtype=sims.dtype, device=sims.device)
+        with precomputed_distances(self, sims):
+            return self(placeholder, labels.to(sims.device))

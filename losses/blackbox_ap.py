@@ -12,8 +12,8 @@ re-ranks, and returns the gradient of the piecewise-linear interpolation of the 
 i.e. (rank(perturbed) - rank) / lambda: a positive whose rank should fall (dL/drank > 0) gets its score pushed
 up past the items it overtakes in the perturbed ranking.
 
-`lambda_val` is given per query: the effective lambda is lambda_val times the number of queries, so its value does
-not depend on the batch size. `margin` lowers positive and raises negative scores before ranking (the
+`lambda_val` is given per query: the effective lambda is lambda_val times the number of queries, so its value
+does not depend on the batch size. `margin` lowers positive and raises negative scores before ranking (the
 paper's score margin), so ranks count near-ties as errors.
 """
 
@@ -107,9 +107,6 @@ class BlackboxAP(torch.nn.Module):
         return loss
 
 
-DEFAULTS = {"lambda_val": 4.0, "margin": 0.02}
-
-
 def search_space(trial) -> dict:
     return {
         "lambda_val": trial.suggest_float("lambda_val", 0.5, 50.0, log=True),
@@ -117,4 +114,4 @@ def search_space(trial) -> dict:
     }
 
 
-register("blackbox_ap", BlackboxAP, DEFAULTS, search_space, miner=None)
+register("blackbox_ap", BlackboxAP, search_space)

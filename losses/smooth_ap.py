@@ -14,10 +14,11 @@ retrieval set. Queries with no other same-label item are skipped in both modes.
 
 Layout: queries with the same number m of positives (a P x K batch has one such group) are taken in blocks,
 and a block's sigmoids form one dense n x m x B tensor built by a single broadcast subtraction, so every step
-is a few whole-tensor passes rather than per-pair indexing. The ranking part is a custom autograd Function over
-the similarity matrix: the forward pass keeps each pair's numerator and denominator; the backward pass
+is a few whole-tensor passes rather than per-pair indexing. The ranking part is a custom autograd Function
+over the similarity matrix: the forward pass keeps each pair's numerator and denominator; the backward pass
 recomputes a block's sigmoids (or reuses them when all of them fit in one chunk) and applies the analytic
-gradient. Peak memory is O(B^2 + chunk_elements), with at least one query's m x B sigmoids per block; never B^3.
+gradient. Peak memory is O(B^2 + chunk_elements), with at least one query's m x B sigmoids per block;
+never B^3.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ class _Gram(torch.autograd.Function):
 
 
 class _Block(NamedTuple):
-    """Queries start:stop of group `group`, whose sigmoids are computed together; `rows` indexes their rows of S."""
+    """Queries start:stop of group `group`, whose sigmoids are computed together; `rows` indexes their rows
+    of S."""
 
     group: int
     start: int
@@ -232,11 +234,8 @@ class SmoothAP(torch.nn.Module):
         return loss
 
 
-DEFAULTS = {"temperature": 0.01, "include_self": False}
-
-
 def search_space(trial) -> dict:
     return {"temperature": trial.suggest_float("temperature", 1e-3, 1e-1, log=True)}
 
 
-register("smooth_ap", SmoothAP, DEFAULTS, search_space, miner=None)
+register("smooth_ap", SmoothAP, search_space)

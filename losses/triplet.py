@@ -8,36 +8,24 @@ from __future__ import annotations
 
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
-from torch import Tensor, nn
 
 from losses import register
-from losses._pml import pml_forward_similarities
+from losses._pml import PMLLoss
 
 MINERS = ("all", "hard", "semihard", "easy", "batch_hard")
 
 
-class Triplet(nn.Module):
+class Triplet(PMLLoss):
     """Triplet margin loss on (anchor, positive, negative) triplets picked by the chosen miner."""
 
     def __init__(self, margin: float = 0.1, miner: str = "semihard"):
-        super().__init__()
         if miner not in MINERS:
             raise ValueError(f"triplet: miner must be one of {', '.join(MINERS)}, got {miner!r}")
-        self.loss = pml_losses.TripletMarginLoss(margin=margin)
         if miner == "batch_hard":
-            self.miner = pml_miners.BatchHardMiner()
+            triplet_miner = pml_miners.BatchHardMiner()
         else:
-            self.miner = pml_miners.TripletMarginMiner(margin=margin, type_of_triplets=miner)
-
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        return self.loss(embeddings, labels, self.miner(embeddings, labels))
-
-    def forward_similarities(self, sims: Tensor, labels: Tensor) -> Tensor:
-        """The loss as a function of the similarity matrix, for losses.introspect."""
-        return pml_forward_similarities(self, sims, labels)
-
-
-DEFAULTS = {"margin": 0.1, "miner": "semihard"}
+            triplet_miner = pml_miners.TripletMarginMiner(margin=margin, type_of_triplets=miner)
+        super().__init__(pml_losses.TripletMarginLoss(margin=margin), triplet_miner)
 
 
 def search_space(trial) -> dict:
@@ -47,6 +35,4 @@ def search_space(trial) -> dict:
     }
 
 
-register(
-    "triplet", Triplet, DEFAULTS, search_space, miner="TripletMarginMiner / BatchHardMiner (param `miner`)"
-)
+register("triplet", Triplet, search_space, miner="TripletMarginMiner / BatchHardMiner (param `miner`)")

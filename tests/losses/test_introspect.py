@@ -66,3 +66,13 @@ def test_chain_rule_through_gram_matrix(name):
         return g - (g * emb).sum(1, keepdim=True) * emb
 
     torch.testing.assert_close(tangent((grad_s + grad_s.T) @ emb), tangent(leaf.grad), rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", available_losses())
+def test_forward_similarities_gives_the_loss_value(name):
+    """The loss as a function of S = E E^T is the loss of E: the values the gradient plots differentiate."""
+    emb, labels = batch()
+    loss = get_loss(name)
+    torch.testing.assert_close(
+        loss.forward_similarities(emb @ emb.T, labels), loss(emb, labels), rtol=1e-12, atol=0
+    )
