@@ -16,14 +16,14 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from bench import layout
 from bench.config import ConfigError, Experiment, LossConfig
 from bench.data import DatasetBundle, load_dataset
-from bench.train import default_checkpoint_path, load_checkpoint, train_and_evaluate
+from bench.train import default_checkpoint_path, holds_unfinished_run, train_and_evaluate
 from bench.tune import format_seconds, with_overrides
 
 if TYPE_CHECKING:  # MLflow is imported by the caller that builds the tracker
@@ -108,26 +108,14 @@ def plan(
         for i, key in enumerate(keys):
             suffix = "" if i == 0 else str(i + 1)
             tags[f"ablation.param{suffix}"], tags[f"ablation.value{suffix}"] = key, texts[key]
-        folder = (
-            Path(exp.train.checkpoint_dir)
-            / "ablation"
-            / _slug(",".join(f"{k}={v}" for k, v in texts.items()))
+        folder = layout.ablation_dir(
+            exp.train.checkpoint_dir, _slug(",".join(f"{k}={v}" for k, v in texts.items()))
         )
         for seed in seeds:
             cells.append(
                 (with_overrides(base, {"train.seed": seed, "train.checkpoint_dir": str(folder)}), tags)
             )
     return cells
-
-
-def _finished(tracker: Tracker, exp: Experiment, tags: dict[str, str]):
-    conditions = [f"tags.`{k}` = '{v}'" for k, v in tags.items()] + [
-        f"params.loss = '{exp.loss.name}'",
-        f"params.seed = '{exp.train.seed}'",
-        "attributes.status = 'FINISHED'",
-    ]
-    runs = tracker.client.search_runs([tracker.experiment_id], " and ".join(conditions), max_results=1)
-    return runs[0] if runs else None
 
 
 def ablate(
@@ -149,12 +137,12 @@ def ablate(
     for index, (cexp, tags) in enumerate(cells):
         keys = [v for k, v in tags.items() if k.startswith("ablation.param")]
         values = {key: cexp.flat()[key] for key in keys}
-        done = _finished(tracker, cexp, tags)
+        params = {"loss": cexp.loss.name, "seed": cexp.train.seed}
+        done = tracker.find_run(tags=tags, params=params, status="FINISHED")
         if done is not None:
             results.append(Cell(values, cexp.train.seed, done.info.run_id, dict(done.data.metrics), True))
             continue
-        checkpoint = default_checkpoint_path(cexp)
-        resume = checkpoint.is_file() and not load_checkpoint(checkpoint).get("finished", False)
+        resume = holds_unfinished_run(default_checkpoint_path(cexp))
         started = time.perf_counter()
         label = ", ".join(f"{k}={v}" for k, v in values.items())
         result = train_and_evaluate(

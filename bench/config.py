@@ -1,7 +1,8 @@
 """Experiment configuration: typed dataclasses loaded from YAML, with `--set key.path=value` overrides.
 
 Every error names the full key path (for example `optim.lr`) and the file it came from, so a typo in a
-config never silently falls back to a default.
+config never silently falls back to a default. Option strings are `Literal` types and sections with rules
+beyond their types (`TuneConfig`) check them in `validate`, so a bad value fails at load, not hours later.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+from bench import layout
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -52,7 +55,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adam"  # adam | adamw
+    name: Literal["adam", "adamw"] = "adam"
     lr: float = 1e-3  # backbone learning rate
     head_lr: float | None = None  # embedding-head learning rate; None = same as lr
     weight_decay: float = 0.0
@@ -66,7 +69,7 @@ class TrainConfig:
     seed: int = 0
     amp: bool = True  # mixed precision, used only on CUDA
     channels_last: bool = True  # used only on CUDA
-    checkpoint_dir: str = "results/checkpoints"
+    checkpoint_dir: str = layout.CHECKPOINTS
     grad_clip: float | None = None
 
 
@@ -75,13 +78,13 @@ class EvalConfig:
     batch_size: int = 512
     ks: list[int] | None = None  # None = the K list of the dataset's protocol
     every_epochs: int = 1  # validation frequency
-    backend: str = "auto"  # auto | faiss | torch
+    backend: Literal["auto", "faiss", "torch"] = "auto"
 
 
 @dataclass
 class TrackingConfig:
-    uri: str = "sqlite:///results/mlflow.db"
-    artifact_location: str = "results/mlartifacts"
+    uri: str = layout.MLFLOW_URI
+    artifact_location: str = layout.MLFLOW_ARTIFACTS
     experiment: str = "omniglot"
     log_checkpoint: bool = True
 
@@ -92,11 +95,43 @@ class TuneConfig:
     epochs: int | None = None  # training epochs per trial; None = train.epochs
     final_epochs: int | None = None  # training epochs of each final-seed run; None = train.epochs
     final_seeds: int = 3
-    pruner: str = "median"  # median | hyperband | none
+    pruner: Literal["median", "hyperband", "none"] = "median"
     sampler_seed: int = 0
-    storage: str = "sqlite:///results/optuna.db"
+    storage: str = layout.OPTUNA_STORAGE
     cv_folds: int = 1  # >1: class-disjoint k-fold over the training classes
-    shared_space: dict[str, Any] = field(default_factory=dict)  # e.g. {"optim.lr": {"low": 1e-4, "high": 1e-2, "log": true}}
+    # tuned beside each loss's own space, e.g. {"optim.lr": {"low": 1e-4, "high": 1e-2, "log": true}}
+    shared_space: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, path: str) -> None:
+        for key, minimum in (("trials", 1), ("cv_folds", 1), ("final_seeds", 0)):
+            if getattr(self, key) < minimum:
+                raise ConfigError(f"{path}.{key} must be at least {minimum}, got {getattr(self, key)}")
+        for key, spec in self.shared_space.items():
+            check_search_range(f"{path}.shared_space.{key}", spec)
+
+
+SEARCH_RANGE_FIELDS = ("low", "high", "log", "step", "choices")
+
+
+def check_search_range(where: str, spec: Any) -> None:
+    """A `tune.shared_space` entry: {"low", "high", "log"?, "step"?} or {"choices": [...]}."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: expected a mapping with low/high or choices, got {spec!r}")
+    unknown = sorted(set(spec) - set(SEARCH_RANGE_FIELDS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(SEARCH_RANGE_FIELDS)})")
+    if "choices" in spec:
+        if not isinstance(spec["choices"], list) or not spec["choices"]:
+            raise ConfigError(f"{where}.choices: expected a non-empty list, got {spec['choices']!r}")
+        return
+    if "low" not in spec or "high" not in spec:
+        raise ConfigError(f"{where}: needs low and high, or choices")
+    try:
+        float(spec["low"]), float(spec["high"])  # YAML 1.1 reads "1e-4" as a string
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{where}: low/high must be numbers, got {spec['low']!r}, {spec['high']!r}"
+        ) from None
 
 
 @dataclass
@@ -202,7 +237,10 @@ def build(cls: type, raw: Any, path: str) -> Any:
         where = f"{path}." if path else ""
         raise ConfigError(f"unknown key {where}{unknown[0]} (known keys: {', '.join(sorted(names))})")
     values = {name: _coerce(hints[name], raw[name], f"{path}.{name}" if path else name) for name in raw}
-    return cls(**values)
+    built = cls(**values)
+    if hasattr(built, "validate"):
+        built.validate(path)
+    return built
 
 
 def _coerce(hint: Any, value: Any, path: str) -> Any:
@@ -233,6 +271,11 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         return dict(value)
     if hint is Any:
         return value
+    if origin is Literal:
+        options = typing.get_args(hint)
+        if value not in options:
+            raise ConfigError(f"{path}: must be one of {', '.join(map(str, options))}, got {value!r}")
+        return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):
@@ -240,6 +283,7 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
             return float(value)
         except ValueError:
             pass
-    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+    wrong_type = not isinstance(value, hint) or (hint is int and isinstance(value, bool))
+    if hint in (int, float, str, bool) and wrong_type:
         raise ConfigError(f"{path}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
     return value

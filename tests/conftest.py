@@ -1,4 +1,5 @@
-"""Shared fixtures: a throwaway MLflow store per test, telemetry off, few threads on the shared CPU."""
+"""Shared fixtures: a throwaway MLflow store and tracker per test, the synthetic bundle, telemetry off, few
+threads on the shared CPU. The builders behind them are in tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -29,3 +30,19 @@ def tracking_uri(tmp_path, _empty_store) -> str:
     """A fresh SQLite MLflow store under the test's temporary directory (a copy of the empty template)."""
     shutil.copy(_empty_store, tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture
+def tracker(tracking_uri, tmp_path):
+    """A tracker on the test's own store, experiment `tiny`, artifacts under the test's folder."""
+    from bench.tracking import Tracker
+
+    return Tracker(tracking_uri, "tiny", str(tmp_path / "artifacts"))
+
+
+@pytest.fixture
+def synthetic_bundle():
+    """tests.helpers.tiny_bundle(): 16 synthetic classes, class-disjoint train / val / test."""
+    from tests.helpers import tiny_bundle
+
+    return tiny_bundle()

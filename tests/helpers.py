@@ -1,4 +1,9 @@
-"""Small real-data bundles for fast training tests: a few Omniglot classes, read from the bundled files."""
+"""Shared builders for fast tests: a few real Omniglot classes, a synthetic bundle, a seconds-sized experiment.
+
+The synthetic bundle is synthetic on purpose: each class is a fixed random ink pattern plus per-image noise, so a
+model can learn it in a few batches, and building it costs milliseconds (the real Omniglot reader reads 32k
+images). Fixtures over these builders live in tests/conftest.py.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from bench.config import Experiment, load_experiment
 from bench.data import DatasetBundle, EvalSplit
 from bench.data.omniglot import FILES, TensorImages, read_npz
 
@@ -19,17 +26,94 @@ def _omniglot(split: str, image_size: int) -> TensorImages:
     return TensorImages(images, labels)
 
 
-def tiny_omniglot(train_classes: int = 12, val_classes: int = 6, test_classes: int = 10, image_size: int = 14,
-                  per_class: int = 20) -> DatasetBundle:
+def tiny_omniglot(
+    train_classes: int = 12,
+    val_classes: int = 6,
+    test_classes: int = 10,
+    image_size: int = 14,
+    per_class: int = 20,
+) -> DatasetBundle:
     """Real Omniglot images, few classes: background classes for train/val, evaluation classes for test."""
     background, evaluation = _omniglot("train", image_size), _omniglot("test", image_size)
 
     def take(data: TensorImages, classes: range, augment: bool) -> TensorImages:
-        keep = np.flatnonzero(np.isin(data.labels, list(classes)) & (np.arange(len(data.labels)) % 20 < per_class))
+        keep = np.flatnonzero(
+            np.isin(data.labels, list(classes)) & (np.arange(len(data.labels)) % 20 < per_class)
+        )
         return data.subset(keep, augment=augment)
 
     train = take(background, range(train_classes), True)
     val = take(background, range(train_classes, train_classes + val_classes), False)
     test = take(evaluation, range(test_classes), False)
-    return DatasetBundle("omniglot", train, EvalSplit("val", val), [EvalSplit("test", test)],
-                         {"content_hash": "tiny", "train_images": len(train)})
+    return DatasetBundle(
+        "omniglot",
+        train,
+        EvalSplit("val", val),
+        [EvalSplit("test", test)],
+        {"content_hash": "tiny", "train_images": len(train)},
+    )
+
+
+def tiny_bundle(
+    train_classes: int = 8,
+    val_classes: int = 4,
+    test_classes: int = 4,
+    per_class: int = 6,
+    size: int = 8,
+    seed: int = 0,
+) -> DatasetBundle:
+    """Class-disjoint train / val / test splits of synthetic 1-channel images."""
+    generator = torch.Generator().manual_seed(seed)
+    total = train_classes + val_classes + test_classes
+    prototypes = (torch.rand(total, 1, size, size, generator=generator) > 0.7).float()
+    images = prototypes.repeat_interleave(per_class, 0)
+    images = (images + 0.3 * torch.randn(images.shape, generator=generator)).clamp(0, 1)
+    labels = np.repeat(np.arange(total), per_class).astype(np.int64)
+    everything = TensorImages(images, labels)
+    cut_val, cut_test = train_classes * per_class, (train_classes + val_classes) * per_class
+    train = everything.subset(np.arange(cut_val), augment=False)
+    val = everything.subset(np.arange(cut_val, cut_test), augment=False)
+    test = everything.subset(np.arange(cut_test, len(labels)), augment=False)
+    info = {"train_classes": train_classes, "val_classes": val_classes, "test_classes": test_classes}
+    return DatasetBundle("tiny", train, EvalSplit("val", val), [EvalSplit("test", test)], info)
+
+
+def tiny_experiment(
+    workdir: Path, trials: int = 3, epochs: int = 2, extra: list[str] | None = None
+) -> Experiment:
+    """The bundled Omniglot config shrunk to seconds: 8 px, batches of 4 classes x 4 images, 16-d embeddings."""
+    return load_experiment(
+        "omniglot",
+        [
+            "data.image_size=8",
+            "data.batch_size=16",
+            "data.samples_per_class=4",
+            "data.augment=false",
+            "model.embedding_dim=16",
+            f"train.epochs={epochs}",
+            f"train.checkpoint_dir={workdir / 'checkpoints'}",
+            f"tune.trials={trials}",
+            "tune.epochs=null",  # trials and final runs train for train.epochs, whatever the bundled config says
+            "tune.final_epochs=null",
+            f"tune.storage=sqlite:///{workdir / 'optuna.db'}",
+            "eval.batch_size=64",
+            "optim.lr_decay_epochs=[]",
+            *(extra or []),
+        ],
+    )
+
+
+def omniglot_experiment(workdir: Path, *overrides: str) -> Experiment:
+    """The bundled Omniglot config at 14 px, 16-d embeddings, batches of 4 classes x 4, 3 epochs (tiny_omniglot)."""
+    base = [
+        "data.image_size=14",
+        "data.batch_size=16",
+        "data.samples_per_class=4",
+        "model.embedding_dim=16",
+        "train.epochs=3",
+        "optim.lr_decay_epochs=[2]",
+        "eval.batch_size=64",
+        f"train.checkpoint_dir={workdir / 'ckpt'}",
+        "tracking.experiment=tiny",
+    ]
+    return load_experiment("omniglot", base + list(overrides))

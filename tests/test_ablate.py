@@ -7,16 +7,15 @@ import pytest
 from bench.ablate import ablate, normalize_param, parse_values, plan
 from bench.config import ConfigError
 from bench.tracking import Tracker
-from tests.tune_fixtures import tiny_bundle, tiny_experiment
+from tests.helpers import tiny_bundle, tiny_experiment
 
 
 def ablation_runs(tracker: Tracker):
     return tracker.client.search_runs([tracker.experiment_id], "tags.stage = 'ablation'", max_results=100)
 
 
-def test_grid_runs_are_tagged_and_a_rerun_only_trains_unfinished_cells(tmp_path, tracking_uri):
+def test_grid_runs_are_tagged_and_a_rerun_only_trains_unfinished_cells(tmp_path, tracker):
     exp = tiny_experiment(tmp_path, epochs=1)
-    tracker = Tracker(tracking_uri, "tiny", str(tmp_path / "artifacts"))
     bundle = tiny_bundle()
     grid = {"loss.temperature": parse_values("0.01,1e-1")}
     cells = ablate(exp, grid, tracker=tracker, seeds=2, device="cpu", bundle=bundle, log=None)

@@ -25,8 +25,16 @@ def test_every_bundled_config_builds_and_round_trips(path: Path):
 
 
 def test_overrides_set_nested_values_parsed_as_yaml():
-    exp = load_experiment("omniglot", ["optim.lr=3e-4", "optim.lr_decay_epochs=[2, 5]", "loss.params.temperature=0.05",
-                                       "optim.head_lr=null", "data.augment=false"])
+    exp = load_experiment(
+        "omniglot",
+        [
+            "optim.lr=3e-4",
+            "optim.lr_decay_epochs=[2, 5]",
+            "loss.params.temperature=0.05",
+            "optim.head_lr=null",
+            "data.augment=false",
+        ],
+    )
     assert exp.optim.lr == pytest.approx(3e-4)
     assert exp.optim.lr_decay_epochs == [2, 5]
     assert exp.loss.params == {"temperature": 0.05}
@@ -76,3 +84,26 @@ def test_flat_params_use_dotted_keys():
     flat = Experiment().flat()
     assert flat["optim.lr"] == Experiment().optim.lr
     assert "data.batch_size" in flat and "loss.name" in flat
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.name=sgd", r"optim\.name: must be one of adam, adamw, got 'sgd'"),
+        ("tune.pruner=medain", r"tune\.pruner: must be one of median, hyperband, none, got 'medain'"),
+        ("eval.backend=gpu", r"eval\.backend: must be one of auto, faiss, torch, got 'gpu'"),
+        ("tune.trials=0", r"tune\.trials must be at least 1, got 0"),
+        ("tune.cv_folds=0", r"tune\.cv_folds must be at least 1, got 0"),
+        ("tune.shared_space={optim.lr: {low: 1e-4, hgih: 1e-2}}", r"tune\.shared_space\.optim\.lr: unknown field"),
+        ("tune.shared_space={optim.lr: {low: 1e-4}}", r"tune\.shared_space\.optim\.lr: needs low and high"),
+        ("tune.shared_space={optim.lr: {choices: []}}", r"tune\.shared_space\.optim\.lr\.choices: expected a non-empty"),
+    ],
+)
+def test_option_strings_and_tuning_settings_are_rejected_at_load_with_their_key_path(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_experiment("omniglot", [override])
+
+
+def test_valid_option_strings_load():
+    exp = load_experiment("omniglot", ["optim.name=adamw", "tune.pruner=hyperband", "eval.backend=torch"])
+    assert (exp.optim.name, exp.tune.pruner, exp.eval.backend) == ("adamw", "hyperband", "torch")

@@ -17,24 +17,14 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
-from mlflow.tracking import MlflowClient  # noqa: E402
-
-from bench.report import figures, gradients, runs, tables  # noqa: E402
-from bench.report.runs import REFERENCE_LOSS, ReportError  # noqa: E402
+from bench import layout
+from bench.report import figures, gradients, runs, tables
+from bench.report.runs import REFERENCE_LOSS, open_store
+from bench.tracking import Tracker
 
 log = logging.getLogger(__name__)
 ABLATION_METRIC = "map_at_r"
-DEFAULT_OPTUNA = "sqlite:///results/optuna.db"
-
-
-def open_store(tracking_uri: str | None) -> tuple[MlflowClient, str]:
-    """A client on an existing store; a missing SQLite file is an error, never silently created."""
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///results/mlflow.db"
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
-        raise ReportError(f"no MLflow store at {uri} (file {uri[len('sqlite:///') :]} does not exist)")
-    return MlflowClient(tracking_uri=uri), uri
+CHECKPOINT_ARTIFACT = "checkpoint/last.pt"
 
 
 @contextmanager
@@ -74,7 +64,7 @@ def make_report(
     tracking_uri: str | None,
     experiment: str,
     out_dir: str | Path,
-    optuna_storage: str | None = DEFAULT_OPTUNA,
+    optuna_storage: str | None = layout.OPTUNA_STORAGE,
     device: str = "cpu",
     retrieval_queries: int = 6,
 ) -> list[Path]:
@@ -82,8 +72,8 @@ def make_report(
 
     Raises ReportError (writing nothing) when the store, the experiment or its final runs are missing.
     """
-    client, uri = open_store(tracking_uri)
-    final = runs.final_runs(client, experiment, uri)
+    tracker = open_store(tracking_uri, experiment)
+    final = runs.final_runs(tracker)
     with staged(Path(out_dir)) as (stage, written):
         for dataset, part in final.groupby("dataset", sort=True):
             summary, metrics = tables.comparison_table(part)
@@ -94,15 +84,15 @@ def make_report(
             _save(
                 stage, written, figures.recall_figure(summary, metrics, str(dataset)), f"recall_at_k_{name}"
             )
-            history = runs.metric_histories(client, part, "val/map_at_r")
+            history = runs.metric_histories(tracker, part, "val/map_at_r")
             if len(history):
                 fig, data = figures.curves_figure(
                     history, "validation MAP@R", f"{dataset}: validation MAP@R (band: min–max over seeds)"
                 )
                 _save(stage, written, fig, f"val_map_at_r_{name}", data)
         _optuna_figures(stage, written, optuna_storage, experiment, final)
-        _ablation_outputs(stage, written, runs.ablation_runs(client, experiment, uri))
-        _retrieval_figure(stage, written, client, final, device, retrieval_queries)
+        _ablation_outputs(stage, written, runs.ablation_runs(tracker))
+        _retrieval_figure(stage, written, tracker, final, device, retrieval_queries)
     return written
 
 
@@ -142,26 +132,26 @@ def _ablation_outputs(stage: Path, written: list[Path], ablations: pd.DataFrame)
         _save(stage, written, figures.ablation_figure(table, ABLATION_METRIC), stem)
 
 
-def _checkpoints(client: MlflowClient, final: pd.DataFrame, into: Path) -> dict[str, Path]:
+def _checkpoints(tracker: Tracker, final: pd.DataFrame, into: Path) -> dict[str, Path]:
     """Per loss, the checkpoint of its lowest-seed final run that logged one."""
     found: dict[str, Path] = {}
     for row in final.sort_values("seed", kind="stable").itertuples():
         if row.loss not in found:
-            path = runs.download_checkpoint(client, row.run_id, into / row.run_id)
+            path = tracker.download_artifact(row.run_id, CHECKPOINT_ARTIFACT, into / row.run_id)
             if path is not None:
                 found[row.loss] = path
     return found
 
 
 def retrieval_from_runs(
-    client: MlflowClient, final: pd.DataFrame, device: str = "cpu", queries: int = 6
+    tracker: Tracker, final: pd.DataFrame, device: str = "cpu", queries: int = 6
 ) -> tuple[Figure, pd.DataFrame] | None:
     """Retrieval examples on the test split from Smooth-AP's checkpoint (else another loss's); None without any."""
     from bench.data import load_dataset
     from bench.train import model_from_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoints = _checkpoints(client, final, Path(tmp))
+        checkpoints = _checkpoints(tracker, final, Path(tmp))
         if not checkpoints:
             return None
         loss = REFERENCE_LOSS if REFERENCE_LOSS in checkpoints else sorted(checkpoints)[0]
@@ -173,9 +163,9 @@ def retrieval_from_runs(
 
 
 def _retrieval_figure(
-    stage: Path, written: list[Path], client: MlflowClient, final: pd.DataFrame, device: str, queries: int
+    stage: Path, written: list[Path], tracker: Tracker, final: pd.DataFrame, device: str, queries: int
 ) -> None:
-    result = retrieval_from_runs(client, final, device, queries)
+    result = retrieval_from_runs(tracker, final, device, queries)
     if result is None:
         log.warning("no final run logged a checkpoint artifact: retrieval examples skipped")
         return
@@ -183,7 +173,7 @@ def _retrieval_figure(
     _save(stage, written, fig, f"retrieval_examples_{_slug(data['loss'].iloc[0])}", data)
 
 
-def rank_profile_from_runs(client: MlflowClient, final: pd.DataFrame, seed: int = 0) -> pd.DataFrame | None:
+def rank_profile_from_runs(tracker: Tracker, final: pd.DataFrame, seed: int = 0) -> pd.DataFrame | None:
     """Mean |dL/ds| by rank for every loss of `final`, on one real training batch, from the initial network
     (build_model with the runs' seed) and from each loss's trained checkpoint. None when no run has a checkpoint.
     """
@@ -192,7 +182,7 @@ def rank_profile_from_runs(client: MlflowClient, final: pd.DataFrame, seed: int 
     from bench.train import model_from_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoints = _checkpoints(client, final, Path(tmp))
+        checkpoints = _checkpoints(tracker, final, Path(tmp))
         trained = {loss: model_from_checkpoint(path) for loss, path in checkpoints.items()}
     if not trained:
         return None
@@ -225,12 +215,12 @@ def make_grad_report(
     and the embedding-gradient norm over training; each figure with its data as CSV. Returns the files written.
     The analysis is one batch per loss, so it runs on the CPU.
     """
-    client, uri = open_store(tracking_uri)
-    final = runs.final_runs(client, experiment, uri)
+    tracker = open_store(tracking_uri, experiment)
+    final = runs.final_runs(tracker)
     with staged(Path(out_dir)) as (stage, written):
         fig, data = gradients.sigmoid_figure()
         _save(stage, written, fig, "sigmoid_vs_step", data)
-        profile = rank_profile_from_runs(client, final, seed)
+        profile = rank_profile_from_runs(tracker, final, seed)
         if profile is None:
             log.warning("no final run logged a checkpoint artifact: gradient-by-rank figure skipped")
         else:
@@ -241,7 +231,7 @@ def make_grad_report(
                 "grad_by_rank",
                 profile,
             )
-        history = runs.metric_histories(client, final, "train/grad_norm")
+        history = runs.metric_histories(tracker, final, "train/grad_norm")
         if len(history):
             fig, data = gradients.grad_norm_figure(history)
             _save(stage, written, fig, "grad_norm", data)

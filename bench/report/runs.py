@@ -1,4 +1,5 @@
-"""Read what the report needs from the stores: final and ablation runs from MLflow, trials from Optuna.
+"""Read what the report needs from the stores: final and ablation runs from MLflow (through the tracker), trials
+from Optuna.
 
 Everything is returned as plain pandas frames, so tables and figures never talk to MLflow themselves and tests
 can check them against numbers read back independently.
@@ -6,16 +7,12 @@ can check them against numbers read back independently.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pandas as pd
 import yaml
+from mlflow.entities import Run
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
-from mlflow.entities import Run  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
+from bench import layout
+from bench.tracking import MissingExperiment, Tracker, redact
 
 REFERENCE_LOSS = "smooth_ap"
 RUN_COLUMNS = ["run_id", "loss", "dataset", "seed"]
@@ -25,33 +22,15 @@ class ReportError(ValueError):
     """The store holds nothing a report can be made from; the message says what is missing and where."""
 
 
-def experiment_id(client: MlflowClient, experiment: str, uri: str) -> str:
-    """The id of `experiment`, or a ReportError naming the experiments the store does have."""
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        names = sorted(e.name for e in client.search_experiments())
-        raise ReportError(
-            f"experiment {experiment!r} not found in the MLflow store {uri}; "
-            f"it has: {', '.join(names) if names else 'no experiments'}"
-        )
-    return found.experiment_id
-
-
-def search(client: MlflowClient, experiment_ids: list[str], filter_string: str) -> list[Run]:
-    """Every finished run matching `filter_string` (all pages)."""
-    runs: list[Run] = []
-    token = None
-    while True:
-        page = client.search_runs(
-            experiment_ids,
-            f"{filter_string} and attributes.status = 'FINISHED'",
-            max_results=1000,
-            page_token=token,
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
+def open_store(tracking_uri: str | None, experiment: str) -> Tracker:
+    """A read-only tracker on an existing store and experiment; a missing one is a ReportError, never created."""
+    uri = layout.tracking_uri(tracking_uri)
+    if layout.missing_sqlite(uri):
+        raise ReportError(f"no MLflow store at {uri} (file {layout.sqlite_path(uri)} does not exist)")
+    try:
+        return Tracker(uri, experiment, create=False)
+    except MissingExperiment as error:
+        raise ReportError(str(error)) from None
 
 
 def _row(run: Run) -> dict:
@@ -72,12 +51,12 @@ def _row(run: Run) -> dict:
     return row
 
 
-def final_runs(client: MlflowClient, experiment: str, uri: str = "") -> pd.DataFrame:
+def final_runs(tracker: Tracker) -> pd.DataFrame:
     """One row per finished `stage=final` run: run_id, loss, dataset, seed and every metric's last value."""
-    runs = search(client, [experiment_id(client, experiment, uri)], "tags.stage = 'final'")
+    runs = tracker.find_runs(tags={"stage": "final"}, status="FINISHED")
     if not runs:
         raise ReportError(
-            f"experiment {experiment!r} in {uri or 'the MLflow store'} has no finished runs tagged stage=final; "
+            f"experiment {tracker.experiment!r} in {redact(tracker.uri)} has no finished runs tagged stage=final; "
             "run `smoothap-bench tune` (or `smoothap-bench run`) first"
         )
     frame = pd.DataFrame([_row(run) for run in runs])
@@ -88,12 +67,12 @@ def final_runs(client: MlflowClient, experiment: str, uri: str = "") -> pd.DataF
     return frame.sort_values(["dataset", "loss", "seed"], kind="stable").reset_index(drop=True)
 
 
-def ablation_runs(client: MlflowClient, experiment: str, uri: str = "") -> pd.DataFrame:
+def ablation_runs(tracker: Tracker) -> pd.DataFrame:
     """One row per finished `stage=ablation` run with `param`, `value` (and `param2`, `value2` for a 2-D grid).
 
     Values are parsed as floats where they are numbers, so sweeps plot on a numeric axis.
     """
-    runs = search(client, [experiment_id(client, experiment, uri)], "tags.stage = 'ablation'")
+    runs = tracker.find_runs(tags={"stage": "ablation"}, status="FINISHED")
     rows = []
     for run in runs:
         row = _row(run)
@@ -116,11 +95,11 @@ def _number(text: str | None) -> float | str | None:
         return text
 
 
-def metric_histories(client: MlflowClient, runs: pd.DataFrame, key: str) -> pd.DataFrame:
+def metric_histories(tracker: Tracker, runs: pd.DataFrame, key: str) -> pd.DataFrame:
     """Per-step values of metric `key` for every run in `runs`: columns loss, dataset, seed, run_id, step, value."""
     rows = []
     for run in runs.itertuples():
-        for metric in client.get_metric_history(run.run_id, key):
+        for metric in tracker.metric_history(run.run_id, key):
             rows.append(
                 {
                     "loss": run.loss,
@@ -134,15 +113,6 @@ def metric_histories(client: MlflowClient, runs: pd.DataFrame, key: str) -> pd.D
     return pd.DataFrame(rows, columns=["loss", "dataset", "seed", "run_id", "step", "value"])
 
 
-def download_checkpoint(client: MlflowClient, run_id: str, dst: Path) -> Path | None:
-    """The run's `checkpoint/last.pt` artifact copied under `dst`, or None when the run logged none."""
-    names = {a.path for a in client.list_artifacts(run_id, "checkpoint")}
-    if "checkpoint/last.pt" not in names:
-        return None
-    dst.mkdir(parents=True, exist_ok=True)
-    return Path(client.download_artifacts(run_id, "checkpoint/last.pt", str(dst)))
-
-
 def optuna_studies(storage: str, experiment: str, final: pd.DataFrame | None = None) -> dict[str, object]:
     """The tuning studies keyed by loss: `<experiment>-<loss>`, or the study a loss's final runs name in their
     `study` tag (it wins: bench.tune names studies after the config's name, which may differ from the MLflow
@@ -150,7 +120,7 @@ def optuna_studies(storage: str, experiment: str, final: pd.DataFrame | None = N
     """
     import optuna
 
-    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///") :]).is_file():
+    if layout.missing_sqlite(storage):
         return {}  # don't let Optuna create an empty database file as a side effect
     existing = set(optuna.study.get_all_study_names(storage))
     prefix = f"{experiment}-"

@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 import torch
 from matplotlib.colors import to_rgba
-from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from bench.data import EvalSplit
@@ -54,14 +53,14 @@ def assert_labelled(fig) -> None:
 
 
 def test_figure_functions_label_their_axes(store, grad_dir):
-    client = MlflowClient(store.uri)
-    final = runs.final_runs(client, store.experiment, store.uri)
+    tracker = runs.open_store(store.uri, store.experiment)
+    final = runs.final_runs(tracker)
     summary, metrics = tables.comparison_table(final)
     assert_labelled(figures.recall_figure(summary, metrics, "folder"))
     assert_labelled(
-        figures.curves_figure(runs.metric_histories(client, final, "val/map_at_r"), "MAP@R", "t")[0]
+        figures.curves_figure(runs.metric_histories(tracker, final, "val/map_at_r"), "MAP@R", "t")[0]
     )
-    assert_labelled(gradients.grad_norm_figure(runs.metric_histories(client, final, "train/grad_norm"))[0])
+    assert_labelled(gradients.grad_norm_figure(runs.metric_histories(tracker, final, "train/grad_norm"))[0])
     studies = runs.optuna_studies(store.optuna, store.experiment, final)
     assert sorted(studies) == ["smooth_ap", "triplet"]
     for loss, study in studies.items():
@@ -76,7 +75,7 @@ def test_figure_functions_label_their_axes(store, grad_dir):
     fig, data = figures.temperature_figure(trials, "temperature")
     assert_labelled(fig)
     assert len(data) == 6 and fig.axes[0].get_xscale() == "log"  # the pruned trial is left out
-    ablation = tables.ablation_table(runs.ablation_runs(client, store.experiment, store.uri), "map_at_r")
+    ablation = tables.ablation_table(runs.ablation_runs(tracker), "map_at_r")
     assert_labelled(figures.ablation_figure(ablation, "map_at_r"))
     assert_labelled(gradients.sigmoid_figure()[0])
     profile = pd.read_csv(grad_dir / "grad_by_rank.csv")

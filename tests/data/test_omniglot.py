@@ -38,7 +38,9 @@ def test_ink_is_one_and_images_match_the_archive(bundle):
 def test_missing_and_malformed_files_name_the_file(tmp_path):
     with pytest.raises(DatasetError, match="images_background.npz"):
         load_dataset(DataConfig(root=str(tmp_path)))
-    np.savez(tmp_path / "images_background.npz", images=np.ones((3, 20, 105, 105), bool), labels=np.zeros((3, 20)))
+    np.savez(
+        tmp_path / "images_background.npz", images=np.ones((3, 20, 105, 105), bool), labels=np.zeros((3, 20))
+    )
     with pytest.raises(DatasetError, match=r"images_background.npz: images \(3, 20, 105, 105\)"):
         read_npz(tmp_path / "images_background.npz", "train", 28)
     (tmp_path / "images_evaluation.npz").write_bytes(b"not a zip")

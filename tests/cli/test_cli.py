@@ -30,8 +30,17 @@ def test_config_errors_exit_2_naming_the_key(capsys, tmp_path):
 
 
 def test_unknown_loss_exits_2_listing_the_registry(capsys, tmp_path):
-    code = main(["train", "--loss", "nope", "--set", "data.root=/nonexistent",
-                 "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    code = main(
+        [
+            "train",
+            "--loss",
+            "nope",
+            "--set",
+            "data.root=/nonexistent",
+            "--tracking-uri",
+            f"sqlite:///{tmp_path}/m.db",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "unknown loss 'nope'" in err and "smooth_ap" in err  # named before any data is read
@@ -43,13 +52,15 @@ def test_unknown_loss_exits_2_listing_the_registry(capsys, tmp_path):
         (["run"], "omniglot", 5),
         (["run", "--experiment-name", "abl"], "abl", 5),  # a full run under its own name
         (["run", "--quick"], "omniglot-quick", 2),
-        (["run", "--quick", "--experiment-name", "q2", "--set", "tune.trials=3"], "q2", 3),  # --set still wins
+        (
+            ["run", "--quick", "--experiment-name", "q2", "--set", "tune.trials=3"],
+            "q2",
+            3,
+        ),  # --set still wins
     ],
 )
 def test_run_names_its_experiment_and_applies_the_quick_budget(argv, name, trials):
-    from bench.cli import experiment_from_args, run_overrides
+    from bench.cli.commands import main_job_experiment
 
-    args = build_parser().parse_args(argv)
-    args.overrides = run_overrides(args)
-    exp = experiment_from_args(args)
+    exp = main_job_experiment(build_parser().parse_args(argv))
     assert (exp.name, exp.tracking.experiment, exp.tune.trials) == (name, name, trials)

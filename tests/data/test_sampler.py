@@ -67,8 +67,10 @@ def test_images_of_large_classes_are_used_before_repeating():
     assert sorted(drawn) == list(range(48))  # one epoch of 4 batches covers every image exactly once
 
 
-@pytest.mark.parametrize(("batch", "k", "message"), [(10, 4, "multiple"), (4, 4, "at least two classes"),
-                                                     (52, 4, "fewer than the 13 classes")])
+@pytest.mark.parametrize(
+    ("batch", "k", "message"),
+    [(10, 4, "multiple"), (4, 4, "at least two classes"), (52, 4, "fewer than the 13 classes")],
+)
 def test_bad_settings_explain_themselves(batch, k, message):
     with pytest.raises(ValueError, match=message):
         PKSampler(uneven_labels(), batch, k)

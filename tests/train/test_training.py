@@ -11,17 +11,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 import losses
-from bench.config import Experiment, load_experiment
-from bench.tracking import Tracker
 from bench.train import NonFiniteLossError, load_checkpoint, model_from_checkpoint, train_and_evaluate
-from tests.helpers import tiny_omniglot
-
-
-def tiny_experiment(tmp_path: Path, *overrides: str) -> Experiment:
-    base = ["data.image_size=14", "data.batch_size=16", "data.samples_per_class=4", "model.embedding_dim=16",
-            "train.epochs=3", "optim.lr_decay_epochs=[2]", "eval.batch_size=64",
-            f"train.checkpoint_dir={tmp_path / 'ckpt'}", "tracking.experiment=tiny"]
-    return load_experiment("omniglot", base + list(overrides))
+from tests.helpers import omniglot_experiment, tiny_omniglot
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +25,15 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_same_seed_twice_gives_identical_metrics_and_weights(tmp_path, bundle):
-    first = train_and_evaluate(tiny_experiment(tmp_path / "a"), bundle=bundle, progress=False)
-    second = train_and_evaluate(tiny_experiment(tmp_path / "b"), bundle=bundle, progress=False)
+    first = train_and_evaluate(omniglot_experiment(tmp_path / "a"), bundle=bundle, progress=False)
+    second = train_and_evaluate(omniglot_experiment(tmp_path / "b"), bundle=bundle, progress=False)
     assert first.test_metrics == second.test_metrics
     assert first.val_history == second.val_history
     for name, tensor in weights(first.checkpoint).items():
         assert torch.equal(tensor, weights(second.checkpoint)[name]), name
-    other_seed = train_and_evaluate(tiny_experiment(tmp_path / "c", "train.seed=1"), bundle=bundle, progress=False)
+    other_seed = train_and_evaluate(
+        omniglot_experiment(tmp_path / "c", "train.seed=1"), bundle=bundle, progress=False
+    )
     assert other_seed.test_metrics != first.test_metrics
 
 
@@ -58,15 +51,17 @@ class InterruptAt(torch.nn.Module):
         return self.inner(embeddings, labels)
 
 
-def test_interrupted_mid_epoch_then_resumed_matches_uninterrupted(tmp_path, bundle, tracking_uri, monkeypatch):
-    tracker = Tracker(tracking_uri, "tiny", str(tmp_path / "art"))
-    reference = train_and_evaluate(tiny_experiment(tmp_path / "ref"), bundle=bundle, progress=False)
+def test_interrupted_mid_epoch_then_resumed_matches_uninterrupted(
+    tmp_path, bundle, tracking_uri, tracker, monkeypatch
+):
+    reference = train_and_evaluate(omniglot_experiment(tmp_path / "ref"), bundle=bundle, progress=False)
 
-    exp = tiny_experiment(tmp_path / "run")
+    exp = omniglot_experiment(tmp_path / "run")
     batches_per_epoch = len(bundle.train) // exp.data.batch_size
     real_get_loss = losses.get_loss
-    monkeypatch.setattr(losses, "get_loss", lambda name, **p: InterruptAt(real_get_loss(name, **p),
-                                                                         at=batches_per_epoch + 3))
+    monkeypatch.setattr(
+        losses, "get_loss", lambda name, **p: InterruptAt(real_get_loss(name, **p), at=batches_per_epoch + 3)
+    )
     with pytest.raises(KeyboardInterrupt):
         train_and_evaluate(exp, tracker, bundle=bundle, progress=False)
     state = load_checkpoint(Path(exp.train.checkpoint_dir) / "omniglot" / "smooth_ap-seed0" / "last.pt")
@@ -75,7 +70,9 @@ def test_interrupted_mid_epoch_then_resumed_matches_uninterrupted(tmp_path, bund
     (run,) = client.search_runs([tracker.experiment_id])
     assert run.info.status == "KILLED"
 
-    with pytest.raises(FileExistsError, match="--resume"):  # a fresh start must not overwrite the unfinished run
+    with pytest.raises(
+        FileExistsError, match="--resume"
+    ):  # a fresh start must not overwrite the unfinished run
         train_and_evaluate(exp, tracker, bundle=bundle, progress=False)
 
     monkeypatch.setattr(losses, "get_loss", real_get_loss)
@@ -95,23 +92,25 @@ class NaNAfter(torch.nn.Module):
 
     def forward(self, embeddings, labels):
         self.calls += 1
-        value = (embeddings ** 2).sum() * 0.0 + 1.0
+        value = (embeddings**2).sum() * 0.0 + 1.0
         return value * math.nan if self.calls > self.after else value
 
 
-def test_nan_loss_stops_with_a_clear_message_and_a_failed_run(tmp_path, bundle, tracking_uri, monkeypatch):
+def test_nan_loss_stops_with_a_clear_message_and_a_failed_run(
+    tmp_path, bundle, tracking_uri, tracker, monkeypatch
+):
     monkeypatch.setitem(losses._REGISTRY, "nan_after", losses.LossSpec("nan_after", NaNAfter, {"after": 5}))
-    tracker = Tracker(tracking_uri, "tiny", str(tmp_path / "art"))
-    exp = tiny_experiment(tmp_path, "loss.name=nan_after")
+    exp = omniglot_experiment(tmp_path, "loss.name=nan_after")
     with pytest.raises(NonFiniteLossError, match=r"nan_after became nan at epoch 1, batch 6; lower optim.lr"):
         train_and_evaluate(exp, tracker, bundle=bundle, progress=False)
     (run,) = MlflowClient(tracking_uri).search_runs([tracker.experiment_id])
     assert run.info.status == "FAILED" and "batch 6" in run.data.tags["failure"]
 
 
-def test_mlflow_run_holds_config_metrics_and_checkpoint(tmp_path, bundle, tracking_uri):
-    tracker = Tracker(tracking_uri, "tiny", str(tmp_path / "art"))
-    exp = tiny_experiment(tmp_path, "loss.params.temperature=0.05", "tracking.uri=postgresql://me:s3cret@db/x")
+def test_mlflow_run_holds_config_metrics_and_checkpoint(tmp_path, bundle, tracking_uri, tracker):
+    exp = omniglot_experiment(
+        tmp_path, "loss.params.temperature=0.05", "tracking.uri=postgresql://me:s3cret@db/x"
+    )
     result = train_and_evaluate(exp, tracker, bundle=bundle, progress=False)
     client = MlflowClient(tracking_uri)
     run = client.get_run(result.run_id)
@@ -120,13 +119,20 @@ def test_mlflow_run_holds_config_metrics_and_checkpoint(tmp_path, bundle, tracki
     assert params["loss.params.temperature"] == "0.05" and params["optim.lr"] == str(exp.optim.lr)
     assert run.data.tags["stage"] == "train" and run.data.tags["dataset_hash"] == "tiny"
     assert "s3cret" not in str(params) and "s3cret" not in str(run.data.tags)
-    for key in ("test/recall_at_1", "test/recall_at_8", "test/map_at_r", "test/r_precision", "peak_memory_mb"):
+    for key in (
+        "test/recall_at_1",
+        "test/recall_at_8",
+        "test/map_at_r",
+        "test/r_precision",
+        "peak_memory_mb",
+    ):
         assert key in metrics
     assert metrics["test/recall_at_1"] == pytest.approx(result.test_metrics["test/recall_at_1"])
     for key in ("train/loss", "train/grad_norm", "val/map_at_r", "val/recall_at_1", "images_per_s"):
         assert len(client.get_metric_history(run.info.run_id, key)) == exp.train.epochs, key
     assert [h.value for h in client.get_metric_history(run.info.run_id, "val/map_at_r")] == pytest.approx(
-        [h["val/map_at_r"] for h in result.val_history])
+        [h["val/map_at_r"] for h in result.val_history]
+    )
     downloaded = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "dl")))
     config = yaml.safe_load((downloaded / "config.yaml").read_text())
     assert config["loss"]["params"] == {"temperature": 0.05} and "uri" not in config["tracking"]
@@ -138,7 +144,9 @@ def test_training_improves_retrieval_over_the_initial_network(tmp_path, bundle):
     from bench.evaluate import evaluate_split
     from bench.models import build_model
 
-    exp = tiny_experiment(tmp_path, "train.epochs=8", "optim.lr_decay_epochs=[]")
-    initial = evaluate_split(build_model(exp.model, 1, exp.train.seed), bundle.tests[0], exp.eval, torch.device("cpu"))
+    exp = omniglot_experiment(tmp_path, "train.epochs=8", "optim.lr_decay_epochs=[]")
+    initial = evaluate_split(
+        build_model(exp.model, 1, exp.train.seed), bundle.tests[0], exp.eval, torch.device("cpu")
+    )
     trained = train_and_evaluate(exp, bundle=bundle, progress=False).test_metrics
     assert trained["test/map_at_r"] > initial["test/map_at_r"] + 0.05

@@ -1,0 +1,32 @@
+"""The `smoothap-bench` command line (also `python -m bench`): the parser in `parser`, handlers in `commands`."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from bench.cli.parser import build_parser  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; expected errors print one line and exit 2 (1 for a diverged loss), no traceback."""
+    args = build_parser().parse_args(argv)
+    from bench.config import ConfigError
+    from bench.data import DatasetError
+    from bench.train import NonFiniteLossError
+
+    try:
+        return args.handler(args)
+    except (ConfigError, DatasetError, FileExistsError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+__all__ = ["build_parser", "main"]

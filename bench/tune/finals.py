@@ -1,0 +1,105 @@
+"""Final seeds: each loss's best trial retrained with fresh seeds and tested once; the runs the report compares."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import optuna
+
+from bench import layout
+from bench.config import ConfigError, Experiment
+from bench.data import DatasetBundle, load_dataset
+from bench.train import default_checkpoint_path, holds_unfinished_run, train_and_evaluate
+from bench.tune.runner import PARENT_RUN_ATTR, format_seconds
+from bench.tune.space import for_loss, with_overrides
+from bench.tune.study import best_trial, open_storage, study_name
+
+if TYPE_CHECKING:  # MLflow is imported by the caller that builds the tracker
+    from bench.tracking import Tracker
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class FinalRun:
+    loss: str
+    seed: int
+    run_id: str | None
+    test_metrics: dict[str, float]
+    skipped: bool  # already FINISHED in MLflow by an earlier command
+
+
+def final_seeds(exp: Experiment, count: int | None = None) -> list[int]:
+    """Seeds tuning seed + 1 .. + S: distinct from the tuning seed, so the reported runs are fresh draws."""
+    count = exp.tune.final_seeds if count is None else count
+    if count < 1:
+        raise ConfigError(f"tune.final_seeds must be at least 1, got {count}")
+    return [exp.train.seed + 1 + i for i in range(count)]
+
+
+def run_finals(
+    exp: Experiment,
+    loss: str,
+    *,
+    tracker: Tracker | None,
+    storage: str | None = None,
+    seeds: Sequence[int] | None = None,
+    device: str = "auto",
+    bundle: DatasetBundle | None = None,
+    log: Log | None = print,
+    study: str | None = None,
+) -> list[FinalRun]:
+    """Retrain the loss's best trial with each seed (tune.final_epochs, else train.epochs) and test it once.
+
+    Runs already FINISHED in MLflow for this study, best trial and seed are skipped; an interrupted one resumes
+    from its checkpoint.
+    """
+    name = study or study_name(exp.name, loss)
+    loaded = optuna.load_study(study_name=name, storage=open_storage(storage or exp.tune.storage))
+    best = best_trial(loaded)
+    base = with_overrides(for_loss(exp, loss), best.user_attrs["overrides"])
+    parent = loaded.user_attrs.get(PARENT_RUN_ATTR)
+    parent = parent if tracker is not None and tracker.has_run(parent) else None
+    bundle = bundle or load_dataset(exp.data)
+    tags = {"stage": "final", "study": name, "best_trial": str(best.number)}
+    results = []
+    for seed in seeds if seeds is not None else final_seeds(exp):
+        done = (
+            None if tracker is None else tracker.find_run(tags=tags, params={"seed": seed}, status="FINISHED")
+        )
+        if done is not None:
+            results.append(FinalRun(loss, seed, done.info.run_id, dict(done.data.metrics), True))
+            continue
+        fexp = with_overrides(
+            base,
+            {
+                "train.seed": seed,
+                "train.epochs": exp.tune.final_epochs or exp.train.epochs,
+                "train.checkpoint_dir": str(layout.final_dir(exp.train.checkpoint_dir, name, best.number)),
+            },
+        )
+        started = time.perf_counter()
+        result = train_and_evaluate(
+            fexp,
+            tracker,
+            device=device,
+            resume=holds_unfinished_run(default_checkpoint_path(fexp)),
+            evaluate_test=True,
+            run_name=f"{loss}-final-seed{seed}",
+            tags=tags,
+            parent_run_id=parent,
+            bundle=bundle,
+            progress=False,
+        )
+        results.append(FinalRun(loss, seed, result.run_id, result.test_metrics, False))
+        if log:
+            metrics = result.test_metrics
+            log(
+                f"[final] {loss:<16} seed {seed}: test MAP@R {metrics.get('test/map_at_r', float('nan')):.4f}"
+                f" | R@1 {metrics.get('test/recall_at_1', float('nan')):.4f} | "
+                f"{format_seconds(time.perf_counter() - started)}"
+            )
+    return results

@@ -1,0 +1,40 @@
+"""The main job as a library call: every loss tuned, final seeds, then the report step."""
+
+from __future__ import annotations
+
+from bench.pipeline import run_main_job
+from bench.tracking import Tracker
+from tests.helpers import tiny_bundle, tiny_experiment
+
+
+def runs(tracker: Tracker, where: str):
+    return tracker.client.search_runs([tracker.experiment_id], where, max_results=1000)
+
+
+def test_the_main_job_tunes_every_loss_runs_final_seeds_and_then_reports(tmp_path, tracker):
+    exp = tiny_experiment(tmp_path, trials=1, epochs=1, extra=["tune.final_seeds=1"])
+    seen = []
+
+    def report(result):
+        seen.append(result)
+        return [tmp_path / "report.md"]
+
+    result = run_main_job(
+        exp,
+        ["smooth_ap", "fastap"],
+        tracker=tracker,
+        device="cpu",
+        bundle=tiny_bundle(),
+        log=None,
+        after=report,
+    )
+    assert result.complete and seen == [result] and result.report_files == [tmp_path / "report.md"]
+    assert list(result.budgets["finished"]) == [1, 1]
+    assert {loss: [f.seed for f in finals] for loss, finals in result.finals.items()} == {
+        "smooth_ap": [1],
+        "fastap": [1],
+    }
+    assert sorted(r.data.params["loss"] for r in runs(tracker, "tags.stage = 'final'")) == [
+        "fastap",
+        "smooth_ap",
+    ]
