@@ -3,9 +3,10 @@
 Definitions (Musgrave et al., "A Metric Learning Reality Check", ECCV 2020):
 
 * For a query q, the gallery ranked by similarity gives relevance flags rel(1), rel(2), ... (same label as q).
-* R(q) = number of gallery items with q's label; in leave-one-out (no gallery) the query itself is not counted.
-* ``recall_at_{k}``: 1 if any of the top k items is relevant (the "Recall@K" of metric-learning papers, which is
-  not the recall of information retrieval), averaged over queries.
+* R(q) = number of gallery items with q's label; in leave-one-out (no gallery) the query itself is not
+  counted.
+* ``recall_at_{k}``: 1 if any of the top k items is relevant (the "Recall@K" of metric-learning papers, which
+  is not the recall of information retrieval), averaged over queries.
 * ``r_precision``: (number of relevant items among the top R) / R.
 * ``map_at_r``: (1 / R) * sum_{i=1..R} P(i) * rel(i), with P(i) the precision of the top i.
 
@@ -20,6 +21,11 @@ Conventions, chosen so that ``recall_at_1`` equals pytorch-metric-learning's ``p
 * Ties: items are ranked by similarity (as computed in float32), descending, then by gallery index, ascending.
   Both backends implement this exactly, whatever order faiss returns tied items in.
 * A k larger than the number of candidates means "all candidates".
+
+Clustering metrics (``clustering_metrics``): faiss k-means, seeded, with as many clusters as classes, scored
+against the classes by NMI and AMI (arithmetic mean of the entropies, as scikit-learn's defaults; AMI with the
+exact expected mutual information) and by the pairwise F1 of Oh Song et al. (CVPR 2016), all computed from
+the sparse contingency table, never from the N x N pairs.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from scipy.special import gammaln
 
 try:
     import faiss
@@ -96,8 +103,8 @@ def _index_from_key(key: torch.Tensor) -> torch.Tensor:
 class _TorchSearcher:
     """Exact top-k from a (chunk x gallery) similarity matrix.
 
-    A float top-k (k + 1) finds the candidates; sorting them by unique int64 keys applies the tie rule, and rows
-    where a tie crosses the cut are redone with a top-k over the keys of the whole row.
+    A float top-k (k + 1) finds the candidates; sorting them by unique int64 keys applies the tie rule, and
+    rows where a tie crosses the cut are redone with a top-k over the keys of the whole row.
     """
 
     def __init__(self, gallery: torch.Tensor):
@@ -128,8 +135,9 @@ class _TorchSearcher:
 class _FaissSearcher:
     """faiss IndexFlatIP (on GPU when faiss has GPUs), with the tie rule restored afterwards.
 
-    faiss returns the exact top-k values but any subset of the items tied at the k-th value, in any order. One
-    extra neighbour tells whether a tie crosses the cut; rows where it does are recomputed by the torch searcher.
+    faiss returns the exact top-k values but any subset of the items tied at the k-th value, in any order.
+    One extra neighbour tells whether a tie crosses the cut; rows where it does are recomputed by the torch
+    searcher.
     """
 
     def __init__(self, gallery: torch.Tensor):
@@ -222,7 +230,7 @@ def knn(
     backend: Backend = "auto",
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k gallery items by inner product for each query: (similarities float32, indices int64), both (n, k).
+    """Top-k gallery items by inner product per query: (similarities float32, indices int64), each (n, k).
 
     `gallery=None` searches the queries themselves. `exclude_self=True` means query i is gallery item i (the
     queries are the first rows of the gallery) and must not retrieve itself. Rows are ordered by the module's
@@ -287,9 +295,10 @@ def retrieval_metrics(
 ) -> dict[str, float]:
     """Recall@k for each k, MAP@R and R-precision of queries against a gallery, or leave-one-out without one.
 
-    Each query chunk is searched for max(max(ks), largest R in the chunk) neighbours and reduced to sums at once,
-    so memory stays bounded by the chunk, however large the biggest class is. See the module docstring for the
-    definitions and conventions (queries with R = 0 excluded, ties by gallery index, inner product as given).
+    Each query chunk is searched for max(max(ks), largest R in the chunk) neighbours and reduced to sums at
+    once, so memory stays bounded by the chunk, however large the biggest class is. See the module docstring
+    for the definitions and conventions (queries with R = 0 excluded, ties by gallery index, inner product as
+    given).
     """
     q = _embeddings(query_emb, "query_emb")
     q_labels = _labels(query_labels, len(q), "query_labels")
@@ -333,3 +342,162 @@ def retrieval_metrics(
     metrics["map_at_r"] = sums.map_at_r / n
     metrics["r_precision"] = sums.r_precision / n
     return metrics
+
+
+# ------------------------------------------------------------------------------------------------ clustering
+
+KMEANS_NITER = 20  # as pytorch-metric-learning's run_kmeans
+
+
+@dataclass(frozen=True)
+class Contingency:
+    """The sparse contingency table of classes (rows) against clusters (columns): only the non-empty cells.
+
+    Classes and clusters are those present in the data, so no row or column sum is zero.
+    """
+
+    cells: np.ndarray  # n_ij > 0 of the non-empty cells, int64
+    cell_class: np.ndarray  # row index i of each cell
+    cell_cluster: np.ndarray  # column index j of each cell
+    class_sizes: np.ndarray  # a_i, row sums
+    cluster_sizes: np.ndarray  # b_j, column sums
+
+    @property
+    def n(self) -> int:
+        return int(self.class_sizes.sum())
+
+
+def contingency(labels: np.ndarray, clusters: np.ndarray) -> Contingency:
+    """Count the items of each (class, cluster) pair without building the dense classes x clusters table."""
+    labels, clusters = np.asarray(labels), np.asarray(clusters)
+    if labels.shape != clusters.shape or labels.ndim != 1 or len(labels) == 0:
+        raise ValueError(
+            f"labels and clusters: expected two non-empty 1-D arrays of one length, "
+            f"got shapes {labels.shape} and {clusters.shape}"
+        )
+    _, class_of = np.unique(labels, return_inverse=True)
+    cluster_ids, cluster_of = np.unique(clusters, return_inverse=True)
+    keys, cells = np.unique(class_of.astype(np.int64) * len(cluster_ids) + cluster_of, return_counts=True)
+    cell_class, cell_cluster = np.divmod(keys, len(cluster_ids))
+    return Contingency(
+        cells.astype(np.int64),
+        cell_class,
+        cell_cluster,
+        np.bincount(class_of).astype(np.int64),
+        np.bincount(cluster_of).astype(np.int64),
+    )
+
+
+def entropy(sizes: np.ndarray) -> float:
+    """Entropy (nats) of a partition given its part sizes."""
+    n = sizes.sum()
+    return float(np.log(n) - (sizes * np.log(sizes)).sum() / n)
+
+
+def mutual_information(table: Contingency) -> float:
+    """MI (nats) = sum_ij n_ij/N log(N n_ij / (a_i b_j)) over the non-empty cells."""
+    n = table.n
+    a, b = table.class_sizes[table.cell_class], table.cluster_sizes[table.cell_cluster]
+    terms = table.cells / n * (np.log(table.cells) + np.log(n) - np.log(a) - np.log(b))
+    return max(float(terms.sum()), 0.0)
+
+
+def expected_mutual_information(table: Contingency) -> float:
+    """E[MI] over random partitions with the same part sizes (Vinh, Epps and Bailey, JMLR 2010), exactly.
+
+    E[MI] = sum_ij sum_{n_ij} n_ij/N log(N n_ij / (a_i b_j)) P(n_ij | a_i, b_j, N), with P hypergeometric,
+    computed in log space. Every (i, j) pair counts, empty cells included, but the term depends only on the
+    values (a_i, b_j): the loop runs over pairs of distinct row and column sums, weighted by how often each
+    occurs, and is vectorised over n_ij. Memory stays O(N) whatever the table's size.
+    The log-factorials of order N log N cancel, so the result carries an absolute error of about
+    1e-11 for N in the thousands, as scikit-learn's does.
+    """
+    n = table.n
+    a_values, a_counts = np.unique(table.class_sizes, return_counts=True)
+    b_values, b_counts = np.unique(table.cluster_sizes, return_counts=True)
+    log_factorial = gammaln(np.arange(n + 1, dtype=np.float64) + 1)
+    emi = 0.0
+    for a, a_count in zip(a_values.tolist(), a_counts.tolist(), strict=True):
+        for b, b_count in zip(b_values.tolist(), b_counts.tolist(), strict=True):
+            nij = np.arange(max(1, a + b - n), min(a, b) + 1)
+            log_p = (
+                log_factorial[a] + log_factorial[b] + log_factorial[n - a] + log_factorial[n - b]
+                - log_factorial[n] - log_factorial[nij] - log_factorial[a - nij] - log_factorial[b - nij]
+                - log_factorial[n - a - b + nij]
+            )  # fmt: skip
+            terms = nij / n * (np.log(n) + np.log(nij) - np.log(a) - np.log(b)) * np.exp(log_p)
+            emi += a_count * b_count * float(terms.sum())
+    return emi
+
+
+def pairwise_f1(table: Contingency) -> float:
+    """F1 over item pairs: a pair is predicted together when in one cluster, truly together when in one class.
+
+    TP = sum_ij C(n_ij, 2); precision = TP / sum_j C(b_j, 2), recall = TP / sum_i C(a_i, 2), so
+    F1 = 2 TP / (sum_j C(b_j, 2) + sum_i C(a_i, 2)). NaN when no two items share a class or a cluster.
+    """
+
+    def pairs(counts: np.ndarray) -> int:
+        return int((counts * (counts - 1) // 2).sum())
+
+    together = pairs(table.cluster_sizes) + pairs(table.class_sizes)
+    return 2 * pairs(table.cells) / together if together else float("nan")
+
+
+def clustering_scores(labels: ArrayLike, clusters: ArrayLike) -> dict[str, float]:
+    """NMI, AMI (both with the arithmetic mean of the entropies) and pairwise F1 of a cluster assignment.
+
+    NMI and AMI follow scikit-learn's conventions: 1 when both partitions are a single part (0 / 0), and the
+    AMI denominator kept at least machine epsilon away from 0 with its sign.
+    """
+    labels = _labels(labels, len(labels), "labels")
+    table = contingency(labels, _labels(clusters, len(labels), "clusters"))
+    f1 = pairwise_f1(table)
+    if len(table.class_sizes) == len(table.cluster_sizes) == 1:
+        return {"nmi": 1.0, "ami": 1.0, "f1": f1}
+    mi = mutual_information(table)
+    mean_entropy = (entropy(table.class_sizes) + entropy(table.cluster_sizes)) / 2
+    emi = expected_mutual_information(table)
+    eps = np.finfo(np.float64).eps
+    denominator = mean_entropy - emi
+    denominator = min(denominator, -eps) if denominator < 0 else max(denominator, eps)
+    return {"nmi": mi / mean_entropy if mi > 0 else 0.0, "ami": (mi - emi) / denominator, "f1": f1}
+
+
+def kmeans_assignments(
+    embeddings: ArrayLike, n_clusters: int, seed: int = 0, niter: int = KMEANS_NITER
+) -> np.ndarray:
+    """Cluster index of each row by seeded faiss k-means on the CPU: the same seed gives the same assignment.
+
+    Every point takes part (no subsampling); faiss works in blocks, so memory beyond the float32 input is
+    O(n_clusters x dim) plus fixed-size distance blocks.
+    """
+    if faiss is None:
+        raise ImportError("clustering metrics need faiss (pip install faiss-cpu)")
+    x = _embeddings(embeddings, "embeddings").cpu().numpy()
+    if not 1 <= n_clusters <= len(x):
+        raise ValueError(f"n_clusters: expected 1..{len(x)} (the number of embeddings), got {n_clusters}")
+    kmeans = faiss.Kmeans(
+        x.shape[1],
+        n_clusters,
+        niter=niter,
+        seed=seed,
+        max_points_per_centroid=len(x),  # never subsample
+        min_points_per_centroid=1,  # test classes have a few images each: no warning per evaluation
+    )
+    kmeans.train(x)
+    _, assigned = kmeans.index.search(x, 1)
+    return assigned[:, 0].astype(np.int64)
+
+
+def clustering_metrics(
+    embeddings: ArrayLike, labels: ArrayLike, seed: int = 0, niter: int = KMEANS_NITER
+) -> dict[str, float]:
+    """`nmi`, `ami` and `f1` of faiss k-means with as many clusters as classes, against the class labels.
+
+    The metric-learning protocol (Oh Song et al., CVPR 2016): cluster the test embeddings, compare with the
+    true classes. Seeded, so two evaluations of the same embeddings give the same numbers.
+    """
+    x = _embeddings(embeddings, "embeddings")
+    y = _labels(labels, len(x), "labels")
+    return clustering_scores(y, kmeans_assignments(x, len(np.unique(y)), seed, niter))

@@ -35,21 +35,26 @@ def display_name(loss: str) -> str:
     return DISPLAY_NAMES.get(loss, loss)
 
 
+LABELS = {"map_at_r": "MAP@R", "r_precision": "R-Prec", "nmi": "NMI", "ami": "AMI", "f1": "F1"}
+
+
 def metric_label(metric: str) -> str:
-    """`recall_at_4` -> `R@4`, `map_at_r` -> `MAP@R`, `r_precision` -> `R-Prec`."""
+    """`recall_at_4` -> `R@4`, `map_at_r` -> `MAP@R`, `r_precision` -> `R-Prec`, `nmi` -> `NMI`, ..."""
     if metric.startswith("recall_at_"):
         return f"R@{metric[len('recall_at_') :]}"
-    return {"map_at_r": "MAP@R", "r_precision": "R-Prec"}.get(metric, metric)
+    return LABELS.get(metric, metric)
 
 
 def metric_order(metric: str) -> tuple[int, int, str]:
+    """Recall@K by K, then MAP@R, R-Precision, NMI, AMI, F1, then any other metric by name."""
     if metric.startswith("recall_at_"):
         return (0, int(metric[len("recall_at_") :]), metric)
-    return (1 if metric == "map_at_r" else 2, 0, metric)
+    known = list(LABELS)
+    return (1 + known.index(metric) if metric in known else 1 + len(known), 0, metric)
 
 
 def test_metrics(runs: pd.DataFrame) -> list[str]:
-    """Metric names (without the `test/` prefix) that the runs logged for the headline test split, in table order."""
+    """Metric names (no `test/` prefix) the runs logged for the headline test split, in table order."""
     names = [c[len(SPLIT) :] for c in runs.columns if c.startswith(SPLIT)]
     return sorted(names, key=metric_order)
 
@@ -100,7 +105,7 @@ def summarize(
 def add_differences(
     summary: pd.DataFrame, metrics: list[str], reference: str = REFERENCE_LOSS
 ) -> pd.DataFrame:
-    """Add `<metric>_diff_<reference>` = mean - the reference loss's mean (NaN when the reference is absent)."""
+    """Add `<metric>_diff_<reference>` = mean - the reference loss's mean (NaN without the reference)."""
     table = summary.copy()
     ref = table[table["loss"] == reference]
     for metric in metrics:
@@ -183,7 +188,7 @@ def to_csv(summary: pd.DataFrame) -> str:
 
 
 def ablation_table(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Per (loss, swept value[, second value]): mean and CI of `test/<metric>` over seeds, ordered by value."""
+    """Per (loss, swept value[, second value]): mean and CI of `test/<metric>` over seeds, by value."""
     by = ["loss", "param", "value"]
     if "param2" in runs and runs["param2"].notna().any():
         by += ["param2", "value2"]
@@ -207,3 +212,48 @@ def ablation_markdown(table: pd.DataFrame, metric: str) -> str:
         cells += [f"{100 * mean:.1f} ± {'n/a' if math.isnan(ci) else f'{100 * ci:.1f}'}", str(row.n_seeds)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + f"\n\n{metric_label(metric)} on the test split: {INTERVAL}.\n"
+
+
+SIGNIFICANCE_CONVENTION = (
+    "Δ: difference of the means over seeds (loss − other), in percentage points, with its 95% Welch interval "
+    "(Welch–Satterthwaite degrees of freedom); p: two-sided Welch t-test; p (Holm): adjusted over the "
+    "comparisons of each metric; separated: Holm p < 0.05; seeds needed: per loss, for the observed "
+    "difference to be separated at α = 0.05 with power 0.8 (normal approximation, pooled variance); "
+    "n/a: a loss with one seed or no spread"
+)
+
+
+def _p_text(p: float) -> str:
+    return "n/a" if math.isnan(p) else f"{p:.3g}"
+
+
+def _verdict(row) -> tuple[str, str]:
+    """(separated, seeds needed) as shown: n/a without a p-value, no seed count for a separated pair."""
+    if math.isnan(row.p_holm):
+        return "n/a", "n/a"
+    if row.separated:
+        return "yes", "–"
+    return "no", "inf" if math.isinf(row.seeds_needed) else f"{row.seeds_needed:.0f}"
+
+
+def significance_markdown(comparisons: pd.DataFrame) -> str:
+    """The rows of `bench.report.significance.compare_to_reference` (or `compare_pair`) as Markdown; the CSV
+    is `to_csv` of the same frame (fractions, `inf` and empty fields as they are).
+    """
+    header = ["Metric", "Loss", "vs", "Δ", "95% interval", "p", "p (Holm)", "Separated", "Seeds needed"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] * 3 + ["---:"] * 6) + "|"]
+    for row in comparisons.itertuples():
+        no_interval = math.isnan(row.ci_low)
+        interval = "n/a" if no_interval else f"[{100 * row.ci_low:+.1f}, {100 * row.ci_high:+.1f}]"
+        cells = [
+            metric_label(row.metric),
+            display_name(row.loss),
+            display_name(row.other),
+            "n/a" if math.isnan(row.diff) else f"{100 * row.diff:+.1f}",
+            interval,
+            _p_text(row.p),
+            _p_text(row.p_holm),
+            *_verdict(row),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\n{SIGNIFICANCE_CONVENTION}.\n"
