@@ -4,11 +4,13 @@ documented errors for a missing file, a damaged list line and a corrupt image.""
 from __future__ import annotations
 
 import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from dataset_trees import BUILDERS, Tree
+from dataset_trees import BUILDERS, Tree, write_image
 
 from bench.config import DataConfig
 from bench.data import DatasetError, load_dataset
@@ -24,7 +26,8 @@ KS = {
     "vggface2": (1, 10, 100),
     "folder": (1, 2, 4, 8),
 }
-WITH_LISTS = [name for name in BUILDERS if name != "folder"]
+WITH_PUBLISHED_COUNTS = [name for name in BUILDERS if not name.startswith("folder")]
+FOLDER_README = "datasets/folder/README.md"
 
 
 def config(tree: Tree, **changes) -> DataConfig:
@@ -37,6 +40,11 @@ def config(tree: Tree, **changes) -> DataConfig:
 
 @pytest.fixture(params=list(BUILDERS))
 def tree(request, tmp_path) -> Tree:
+    return BUILDERS[request.param](tmp_path)
+
+
+@pytest.fixture(params=WITH_PUBLISHED_COUNTS)
+def published_tree(request, tmp_path) -> Tree:
     return BUILDERS[request.param](tmp_path)
 
 
@@ -80,14 +88,117 @@ def test_validation_is_carved_from_the_last_training_classes(tree):
     assert bundle.info["val_images"] + bundle.info["train_images"] == len(tree.expected["train"])
 
 
-def test_miniature_counts_are_reported_as_problems_not_errors(tree):
+def test_miniature_counts_are_reported_as_problems_not_errors(published_tree):
+    tree = published_tree
     bundle = load_dataset(config(tree))
-    if tree.name == "folder":
-        return  # nothing published to compare with
     assert any("published" in problem for problem in bundle.info["problems"])
     with pytest.raises(DatasetError, match="published"):
         load_dataset(config(tree, options={**tree.options, "expect_counts": True}))
     assert load_dataset(config(tree, options={**tree.options, "expect_counts": False})).info["problems"] == []
+
+
+@pytest.mark.parametrize("builder", ["folder", "folder_csv"])
+def test_a_users_folder_has_no_published_counts_to_fail_on(builder, tmp_path):
+    tree = BUILDERS[builder](tmp_path)
+    by_policy = {
+        policy: load_dataset(config(tree, options={**tree.options, "expect_counts": policy}))
+        for policy in ("auto", True, False)
+    }
+    for policy, bundle in by_policy.items():
+        assert not any("published" in problem for problem in bundle.info["problems"]), policy
+        assert bundle.info["problems"] == by_policy[False].info["problems"], policy
+        assert bundle.info["train_images"] == len(tree.expected["train"]), policy
+        assert bundle.info["test_images"] == len(tree.expected["test"]), policy
+
+
+def write_user_folder(root: Path) -> dict[str, dict[str, str]]:
+    """An image folder as a user lays one out, with what the reader must cope with: class names whose sorted
+    order is neither creation nor numeric order, uneven classes, an upper-case suffix, a text file inside a
+    class, a stray file beside the classes and an empty class folder. Returns split -> {image path: class}."""
+    plan = {
+        "train": {"b": 3, "9": 2, "10": 4, "A": 2, "c": 1},
+        "test": {"yak": 2, "x": 3},
+    }
+    written: dict[str, dict[str, str]] = {}
+    for split, classes in plan.items():
+        written[split] = {}
+        for name, count in classes.items():
+            for k in range(count):
+                suffix = (".jpg", ".png", ".JPEG")[k % 3]
+                written[split][str(write_image(root / split / name / f"{k}{suffix}"))] = name
+    (root / "train" / "9" / "notes.txt").write_text("labels checked by hand\n")
+    (root / "train" / "README.txt").write_text("where these came from\n")
+    (root / "test" / "empty").mkdir()
+    return written
+
+
+def folder_config(root: Path, **changes) -> DataConfig:
+    return DataConfig(
+        **{"name": "folder", "root": str(root), "image_size": 8, "val_fraction": 0.0, **changes}
+    )
+
+
+def test_folder_classes_are_its_subfolders_labelled_in_sorted_name_order(tmp_path):
+    written = write_user_folder(tmp_path)
+    bundle = load_dataset(folder_config(tmp_path))
+    named = dict(named_datasets(bundle))
+    assert sorted(named) == ["test", "train"]
+    for split, truth in written.items():
+        dataset = named[split]
+        assert dict(zip(dataset.paths, dataset.class_ids.tolist(), strict=True)) == truth, split
+        assert dataset.classes.tolist() == sorted(set(truth.values())), split  # "10" < "9" < "A" < "b" < "c"
+        for path, label in zip(dataset.paths, dataset.labels.tolist(), strict=True):
+            assert label == sorted(set(truth.values())).index(truth[path]), path
+    assert sorted(bundle.info["problems"]) == sorted(
+        [
+            f"{tmp_path / 'train' / '9'}: 1 files without a .jpg/.jpeg/.png suffix ignored",
+            f"{tmp_path / 'train' / 'README.txt'}: not inside a class folder, ignored",
+            f"{tmp_path / 'test' / 'empty'}: class folder without images, ignored",
+        ]
+    )
+    assert bundle.tests[0].gallery is None and bundle.tests[0].ks == KS["folder"]
+
+
+def test_folder_validation_takes_the_last_sorted_training_classes(tmp_path):
+    written = write_user_folder(tmp_path)
+    bundle = load_dataset(folder_config(tmp_path, val_fraction=0.4))
+    # 5 training classes sorted "10", "9", "A", "b", "c": round(5 * 0.4) = 2 go to validation
+    assert set(bundle.val.query.class_ids.tolist()) == {"b", "c"}
+    assert set(bundle.train.class_ids.tolist()) == {"10", "9", "A"}
+    assert sorted(bundle.train.paths + bundle.val.query.paths) == sorted(written["train"])
+    assert set(bundle.tests[0].query.paths) == set(written["test"])
+
+
+def remove_root(root: Path) -> None:
+    shutil.rmtree(root)
+
+
+def remove_train(root: Path) -> None:
+    shutil.rmtree(root / "train")
+
+
+def remove_test_images(root: Path) -> None:
+    for image in (root / "test").glob("*/*"):
+        image.unlink()
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (remove_root, "folder: data.root {root} is not a directory. See {readme}."),
+        (remove_train, "folder: {root}/train not found; expected {root}/train/<class>/*.jpg"),
+        (remove_test_images, "folder: split 'test' from {root}/test is empty. See {readme}."),
+    ],
+    ids=["no root", "no train folder", "no test images"],
+)
+def test_folder_layout_errors_name_the_path_and_the_readme(tmp_path, damage, message):
+    root = tmp_path / "mine"
+    write_user_folder(root)
+    damage(root)
+    with pytest.raises(DatasetError) as raised:
+        load_dataset(folder_config(root))
+    assert message.format(root=root, readme=FOLDER_README) in str(raised.value)
+    assert FOLDER_README in str(raised.value)
 
 
 def test_a_missing_image_names_the_file_and_the_readme(tree):
