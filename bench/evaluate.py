@@ -6,9 +6,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from bench.clustering import clustering_metrics
 from bench.config import EvalConfig
 from bench.data import EvalSplit, LabeledDataset
-from bench.metrics import clustering_metrics, retrieval_metrics
+from bench.metrics import retrieval_metrics
 
 
 @torch.no_grad()

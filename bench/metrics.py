@@ -21,11 +21,7 @@ Conventions, chosen so that ``recall_at_1`` equals pytorch-metric-learning's ``p
 * Ties: items are ranked by similarity (as computed in float32), descending, then by gallery index, ascending.
   Both backends implement this exactly, whatever order faiss returns tied items in.
 * A k larger than the number of candidates means "all candidates".
-
-Clustering metrics (``clustering_metrics``): faiss k-means, seeded, with as many clusters as classes, scored
-against the classes by NMI and AMI (arithmetic mean of the entropies, as scikit-learn's defaults; AMI with the
-exact expected mutual information) and by the pairwise F1 of Oh Song et al. (CVPR 2016), all computed from
-the sparse contingency table, never from the N x N pairs.
+Clustering metrics live beside these, in bench.clustering.
 """
 
 from __future__ import annotations
@@ -36,7 +32,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from scipy.special import gammaln
 
 try:
     import faiss
@@ -55,7 +50,7 @@ _LOW32 = 0xFFFFFFFF
 # ----------------------------------------------------------------------------------------------- input checks
 
 
-def _embeddings(x: ArrayLike, name: str) -> torch.Tensor:
+def as_embeddings(x: ArrayLike, name: str) -> torch.Tensor:
     """A 2-D float32 tensor with finite values (NaN would make the ranking meaningless)."""
     t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
     if not isinstance(t, torch.Tensor):
@@ -70,7 +65,7 @@ def _embeddings(x: ArrayLike, name: str) -> torch.Tensor:
     return t
 
 
-def _labels(y: ArrayLike, n: int, name: str) -> np.ndarray:
+def as_labels(y: ArrayLike, n: int, name: str) -> np.ndarray:
     arr = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
     if arr.ndim != 1 or len(arr) != n:
         raise ValueError(f"{name}: expected {n} labels in a 1-D array, got shape {arr.shape}")
@@ -236,8 +231,8 @@ def knn(
     queries are the first rows of the gallery) and must not retrieve itself. Rows are ordered by the module's
     tie rule. Results are on the CPU, except with backend='torch' on CUDA tensors.
     """
-    q = _embeddings(query, "query")
-    g = q if gallery is None else _embeddings(gallery, "gallery")
+    q = as_embeddings(query, "query")
+    g = q if gallery is None else as_embeddings(gallery, "gallery")
     if g.shape[1] != q.shape[1]:
         raise ValueError(f"gallery: dimension {g.shape[1]} differs from the queries' {q.shape[1]}")
     if exclude_self and len(q) > len(g):
@@ -300,15 +295,15 @@ def retrieval_metrics(
     for the definitions and conventions (queries with R = 0 excluded, ties by gallery index, inner product as
     given).
     """
-    q = _embeddings(query_emb, "query_emb")
-    q_labels = _labels(query_labels, len(q), "query_labels")
+    q = as_embeddings(query_emb, "query_emb")
+    q_labels = as_labels(query_labels, len(q), "query_labels")
     if (gallery_emb is None) != (gallery_labels is None):
         raise ValueError(
             "gallery_emb and gallery_labels: give both (query vs gallery) or neither (leave-one-out)"
         )
     leave_one_out = gallery_emb is None
-    g = q if leave_one_out else _embeddings(gallery_emb, "gallery_emb")
-    g_labels = q_labels if leave_one_out else _labels(gallery_labels, len(g), "gallery_labels")
+    g = q if leave_one_out else as_embeddings(gallery_emb, "gallery_emb")
+    g_labels = q_labels if leave_one_out else as_labels(gallery_labels, len(g), "gallery_labels")
     if g.shape[1] != q.shape[1]:
         raise ValueError(f"gallery_emb: dimension {g.shape[1]} differs from query_emb's {q.shape[1]}")
     ks = sorted({int(k) for k in ks})
@@ -342,162 +337,3 @@ def retrieval_metrics(
     metrics["map_at_r"] = sums.map_at_r / n
     metrics["r_precision"] = sums.r_precision / n
     return metrics
-
-
-# ------------------------------------------------------------------------------------------------ clustering
-
-KMEANS_NITER = 20  # as pytorch-metric-learning's run_kmeans
-
-
-@dataclass(frozen=True)
-class Contingency:
-    """The sparse contingency table of classes (rows) against clusters (columns): only the non-empty cells.
-
-    Classes and clusters are those present in the data, so no row or column sum is zero.
-    """
-
-    cells: np.ndarray  # n_ij > 0 of the non-empty cells, int64
-    cell_class: np.ndarray  # row index i of each cell
-    cell_cluster: np.ndarray  # column index j of each cell
-    class_sizes: np.ndarray  # a_i, row sums
-    cluster_sizes: np.ndarray  # b_j, column sums
-
-    @property
-    def n(self) -> int:
-        return int(self.class_sizes.sum())
-
-
-def contingency(labels: np.ndarray, clusters: np.ndarray) -> Contingency:
-    """Count the items of each (class, cluster) pair without building the dense classes x clusters table."""
-    labels, clusters = np.asarray(labels), np.asarray(clusters)
-    if labels.shape != clusters.shape or labels.ndim != 1 or len(labels) == 0:
-        raise ValueError(
-            f"labels and clusters: expected two non-empty 1-D arrays of one length, "
-            f"got shapes {labels.shape} and {clusters.shape}"
-        )
-    _, class_of = np.unique(labels, return_inverse=True)
-    cluster_ids, cluster_of = np.unique(clusters, return_inverse=True)
-    keys, cells = np.unique(class_of.astype(np.int64) * len(cluster_ids) + cluster_of, return_counts=True)
-    cell_class, cell_cluster = np.divmod(keys, len(cluster_ids))
-    return Contingency(
-        cells.astype(np.int64),
-        cell_class,
-        cell_cluster,
-        np.bincount(class_of).astype(np.int64),
-        np.bincount(cluster_of).astype(np.int64),
-    )
-
-
-def entropy(sizes: np.ndarray) -> float:
-    """Entropy (nats) of a partition given its part sizes."""
-    n = sizes.sum()
-    return float(np.log(n) - (sizes * np.log(sizes)).sum() / n)
-
-
-def mutual_information(table: Contingency) -> float:
-    """MI (nats) = sum_ij n_ij/N log(N n_ij / (a_i b_j)) over the non-empty cells."""
-    n = table.n
-    a, b = table.class_sizes[table.cell_class], table.cluster_sizes[table.cell_cluster]
-    terms = table.cells / n * (np.log(table.cells) + np.log(n) - np.log(a) - np.log(b))
-    return max(float(terms.sum()), 0.0)
-
-
-def expected_mutual_information(table: Contingency) -> float:
-    """E[MI] over random partitions with the same part sizes (Vinh, Epps and Bailey, JMLR 2010), exactly.
-
-    E[MI] = sum_ij sum_{n_ij} n_ij/N log(N n_ij / (a_i b_j)) P(n_ij | a_i, b_j, N), with P hypergeometric,
-    computed in log space. Every (i, j) pair counts, empty cells included, but the term depends only on the
-    values (a_i, b_j): the loop runs over pairs of distinct row and column sums, weighted by how often each
-    occurs, and is vectorised over n_ij. Memory stays O(N) whatever the table's size.
-    The log-factorials of order N log N cancel, so the result carries an absolute error of about
-    1e-11 for N in the thousands, as scikit-learn's does.
-    """
-    n = table.n
-    a_values, a_counts = np.unique(table.class_sizes, return_counts=True)
-    b_values, b_counts = np.unique(table.cluster_sizes, return_counts=True)
-    log_factorial = gammaln(np.arange(n + 1, dtype=np.float64) + 1)
-    emi = 0.0
-    for a, a_count in zip(a_values.tolist(), a_counts.tolist(), strict=True):
-        for b, b_count in zip(b_values.tolist(), b_counts.tolist(), strict=True):
-            nij = np.arange(max(1, a + b - n), min(a, b) + 1)
-            log_p = (
-                log_factorial[a] + log_factorial[b] + log_factorial[n - a] + log_factorial[n - b]
-                - log_factorial[n] - log_factorial[nij] - log_factorial[a - nij] - log_factorial[b - nij]
-                - log_factorial[n - a - b + nij]
-            )  # fmt: skip
-            terms = nij / n * (np.log(n) + np.log(nij) - np.log(a) - np.log(b)) * np.exp(log_p)
-            emi += a_count * b_count * float(terms.sum())
-    return emi
-
-
-def pairwise_f1(table: Contingency) -> float:
-    """F1 over item pairs: a pair is predicted together when in one cluster, truly together when in one class.
-
-    TP = sum_ij C(n_ij, 2); precision = TP / sum_j C(b_j, 2), recall = TP / sum_i C(a_i, 2), so
-    F1 = 2 TP / (sum_j C(b_j, 2) + sum_i C(a_i, 2)). NaN when no two items share a class or a cluster.
-    """
-
-    def pairs(counts: np.ndarray) -> int:
-        return int((counts * (counts - 1) // 2).sum())
-
-    together = pairs(table.cluster_sizes) + pairs(table.class_sizes)
-    return 2 * pairs(table.cells) / together if together else float("nan")
-
-
-def clustering_scores(labels: ArrayLike, clusters: ArrayLike) -> dict[str, float]:
-    """NMI, AMI (both with the arithmetic mean of the entropies) and pairwise F1 of a cluster assignment.
-
-    NMI and AMI follow scikit-learn's conventions: 1 when both partitions are a single part (0 / 0), and the
-    AMI denominator kept at least machine epsilon away from 0 with its sign.
-    """
-    labels = _labels(labels, len(labels), "labels")
-    table = contingency(labels, _labels(clusters, len(labels), "clusters"))
-    f1 = pairwise_f1(table)
-    if len(table.class_sizes) == len(table.cluster_sizes) == 1:
-        return {"nmi": 1.0, "ami": 1.0, "f1": f1}
-    mi = mutual_information(table)
-    mean_entropy = (entropy(table.class_sizes) + entropy(table.cluster_sizes)) / 2
-    emi = expected_mutual_information(table)
-    eps = np.finfo(np.float64).eps
-    denominator = mean_entropy - emi
-    denominator = min(denominator, -eps) if denominator < 0 else max(denominator, eps)
-    return {"nmi": mi / mean_entropy if mi > 0 else 0.0, "ami": (mi - emi) / denominator, "f1": f1}
-
-
-def kmeans_assignments(
-    embeddings: ArrayLike, n_clusters: int, seed: int = 0, niter: int = KMEANS_NITER
-) -> np.ndarray:
-    """Cluster index of each row by seeded faiss k-means on the CPU: the same seed gives the same assignment.
-
-    Every point takes part (no subsampling); faiss works in blocks, so memory beyond the float32 input is
-    O(n_clusters x dim) plus fixed-size distance blocks.
-    """
-    if faiss is None:
-        raise ImportError("clustering metrics need faiss (pip install faiss-cpu)")
-    x = _embeddings(embeddings, "embeddings").cpu().numpy()
-    if not 1 <= n_clusters <= len(x):
-        raise ValueError(f"n_clusters: expected 1..{len(x)} (the number of embeddings), got {n_clusters}")
-    kmeans = faiss.Kmeans(
-        x.shape[1],
-        n_clusters,
-        niter=niter,
-        seed=seed,
-        max_points_per_centroid=len(x),  # never subsample
-        min_points_per_centroid=1,  # test classes have a few images each: no warning per evaluation
-    )
-    kmeans.train(x)
-    _, assigned = kmeans.index.search(x, 1)
-    return assigned[:, 0].astype(np.int64)
-
-
-def clustering_metrics(
-    embeddings: ArrayLike, labels: ArrayLike, seed: int = 0, niter: int = KMEANS_NITER
-) -> dict[str, float]:
-    """`nmi`, `ami` and `f1` of faiss k-means with as many clusters as classes, against the class labels.
-
-    The metric-learning protocol (Oh Song et al., CVPR 2016): cluster the test embeddings, compare with the
-    true classes. Seeded, so two evaluations of the same embeddings give the same numbers.
-    """
-    x = _embeddings(embeddings, "embeddings")
-    y = _labels(labels, len(x), "labels")
-    return clustering_scores(y, kmeans_assignments(x, len(np.unique(y)), seed, niter))

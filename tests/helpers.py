@@ -1,8 +1,9 @@
-"""Shared builders for fast tests: a few real Omniglot classes, a synthetic bundle, a seconds-sized experiment.
+"""Shared builders for fast tests: a few real Omniglot classes, a synthetic bundle, a seconds-sized
+experiment.
 
-The synthetic bundle is synthetic on purpose: each class is a fixed random ink pattern plus per-image noise, so a
-model can learn it in a few batches, and building it costs milliseconds (the real Omniglot reader reads 32k
-images). Fixtures over these builders live in tests/conftest.py.
+The synthetic bundle is synthetic on purpose: each class is a fixed random ink pattern plus per-image noise,
+so a model can learn it in a few batches, and building it costs milliseconds (the real Omniglot reader reads
+32k images). Fixtures over these builders live in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def tiny_bundle(
 def tiny_experiment(
     workdir: Path, trials: int = 3, epochs: int = 2, extra: list[str] | None = None
 ) -> Experiment:
-    """The bundled Omniglot config shrunk to seconds: 8 px, batches of 4 classes x 4 images, 16-d embeddings."""
+    """The bundled Omniglot config shrunk to seconds: 8 px, batches of 4 classes x 4 images, 16-d
+    embeddings."""
     return load_experiment(
         "omniglot",
         [
@@ -93,7 +95,8 @@ def tiny_experiment(
             f"train.epochs={epochs}",
             f"train.checkpoint_dir={workdir / 'checkpoints'}",
             f"tune.trials={trials}",
-            "tune.epochs=null",  # trials and final runs train for train.epochs, whatever the bundled config says
+            # trials and final runs train for train.epochs, whatever the bundled config says
+            "tune.epochs=null",
             "tune.final_epochs=null",
             f"tune.storage=sqlite:///{workdir / 'optuna.db'}",
             "eval.batch_size=64",
@@ -104,7 +107,8 @@ def tiny_experiment(
 
 
 def omniglot_experiment(workdir: Path, *overrides: str) -> Experiment:
-    """The bundled Omniglot config at 14 px, 16-d embeddings, batches of 4 classes x 4, 3 epochs (tiny_omniglot)."""
+    """The bundled Omniglot config at 14 px, 16-d embeddings, batches of 4 classes x 4, 3 epochs
+    (tiny_omniglot)."""
     base = [
         "data.image_size=14",
         "data.batch_size=16",
@@ -117,3 +121,10 @@ def omniglot_experiment(workdir: Path, *overrides: str) -> Experiment:
         "tracking.experiment=tiny",
     ]
     return load_experiment("omniglot", base + list(overrides))
+
+
+def clustered(rng: np.random.Generator, labels: np.ndarray, dim: int, noise: float = 0.8) -> np.ndarray:
+    """L2-normalised class centre plus noise: continuous values, metrics well away from 0 and 1."""
+    centres = rng.standard_normal((labels.max() + 1, dim))
+    x = centres[labels] + noise * rng.standard_normal((len(labels), dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
