@@ -1,4 +1,5 @@
-"""`python -m bench ...` is `smoothap-bench ...` (and what torchrun launches: `torchrun -m bench train ...`)."""
+"""`python -m bench ...` is `smoothap-bench ...` (and what torchrun launches:
+`torchrun -m bench train ...`)."""
 
 import sys
 

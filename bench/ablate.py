@@ -1,10 +1,10 @@
-"""Ablations of the paper's kind: a grid over one or two config parameters, each cell trained over several seeds
-with everything else fixed.
+"""Ablations of the paper's kind: a grid over one or two config parameters, each cell trained over several
+seeds with everything else fixed.
 
 Each run is tagged `stage=ablation` and records `ablation.param` / `ablation.value` (and `ablation.param2` /
-`ablation.value2`) as tags and params. A cell that already has a FINISHED run in MLflow with the same loss, swept
-values, seed and fixed settings (a fingerprint of the rest of the config) is skipped, and an interrupted one
-resumes from its checkpoint, so re-running the command finishes the grid.
+`ablation.value2`) as tags and params. A cell that already has a FINISHED run in MLflow with the same loss,
+swept values, seed and fixed settings (a fingerprint of the rest of the config) is skipped, and an interrupted
+one resumes from its checkpoint, so re-running the command finishes the grid.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ _UNFINGERPRINTED = ("train.seed", "train.checkpoint_dir", "tracking.", "tune.")
 
 
 def normalize_param(key: str) -> str:
-    """`loss.temperature` (the paper's way of naming it) -> `loss.params.temperature`; other keys unchanged."""
+    """`loss.temperature` (the paper's way of naming it) -> `loss.params.temperature`; other keys
+    unchanged."""
     parts = key.split(".")
     if len(parts) == 2 and parts[0] == "loss" and parts[1] not in LossConfig.__dataclass_fields__:
         return f"loss.params.{parts[1]}"
@@ -77,7 +78,8 @@ def _value_text(exp: Experiment, key: str) -> str:
 
 
 def fingerprint(exp: Experiment, swept: Sequence[str]) -> str:
-    """Hash of every setting that is neither swept nor per-seed: a cell run under other fixed settings is not reused."""
+    """Hash of every setting that is neither swept nor per-seed: a cell run under other fixed settings is not
+    reused."""
     fixed = {
         k: v
         for k, v in exp.flat().items()
@@ -93,7 +95,8 @@ def _slug(text: str) -> str:
 def plan(
     exp: Experiment, grid: dict[str, Sequence[Any]], seeds: Sequence[int]
 ) -> list[tuple[Experiment, dict]]:
-    """Every (cell, seed) as its experiment and its tags; bad keys or values fail here, before any training."""
+    """Every (cell, seed) as its experiment and its tags; bad keys or values fail here, before any
+    training."""
     if not 1 <= len(grid) <= 2:
         raise ConfigError(f"an ablation sweeps one or two parameters, got {len(grid)}")
     if not seeds:

@@ -35,7 +35,8 @@ def make_sqlite_folder(url: str) -> None:
 
 
 def tracking_uri(explicit: str | None = None, configured: str | None = None) -> str:
-    """The MLflow store: an explicit `--tracking-uri`, else MLFLOW_TRACKING_URI, else the config's, else ours."""
+    """The MLflow store: an explicit `--tracking-uri`, else MLFLOW_TRACKING_URI, else the config's, else
+    ours."""
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or configured or MLFLOW_URI
 
 

@@ -1,4 +1,5 @@
-"""Ablation grids: tagged runs per (value, seed), finished cells skipped on re-run, other fixed settings not reused."""
+"""Ablation grids: tagged runs per (value, seed), finished cells skipped on re-run, other fixed settings not
+reused."""
 
 from __future__ import annotations
 

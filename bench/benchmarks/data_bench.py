@@ -77,6 +77,7 @@ def bench_data(
     if out is not None:
         out(
             f"{config.name}: {result['images_per_s']} images/s ({images} images in {result['seconds']} s; "
-            f"batch {config.batch_size}, {config.image_size}px, {config.num_workers} workers, pin_memory={pin})"
+            f"batch {config.batch_size}, {config.image_size}px, {config.num_workers} workers, "
+            f"pin_memory={pin})"
         )
     return result

@@ -4,9 +4,9 @@ Both evaluate the same synthetic embeddings, the size of a real test set, in the
 memory, and the largest difference on the metrics they share (precision@1 = our recall@1, MAP@R, R-precision).
 Each evaluation runs in a fresh process, so that one's freed memory cannot hide the other's peak.
 
-PML runs twice: with an inner-product faiss index (our similarity, so any difference is in the metric code) and
-with its default L2 index. On normalised embeddings L2 ranks like the inner product, up to float rounding: a
-near-tie that rounds the other way shows up as a difference of about 1/n in MAP@R.
+PML runs twice: with an inner-product faiss index (our similarity, so any difference is in the metric code)
+and with its default L2 index. On normalised embeddings L2 ranks like the inner product, up to float rounding:
+a near-tie that rounds the other way shows up as a difference of about 1/n in MAP@R.
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ PML_KNN = {"ip": "faiss IndexFlatIP", "l2": "faiss IndexFlatL2, PML's default"}
 def _evaluate(
     method: str, n: int, dim: int, n_classes: int, seed: int, backend: str, max_class_size: int
 ) -> dict:
-    """One evaluation of fresh synthetic data by `method` ('ours', 'pml-ip', 'pml-l2'): metrics, seconds, memory."""
+    """One evaluation of fresh synthetic data by `method` ('ours', 'pml-ip', 'pml-l2'): metrics, seconds,
+    memory."""
     import faiss
     import torch
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
@@ -119,7 +120,8 @@ def _evaluate(
             metrics = retrieval_metrics(x, labels, ks=(1,), backend=backend)
         else:
             index = faiss.IndexFlatIP if method == "pml-ip" else faiss.IndexFlatL2
-            # k="max_bin_count": the default k=None would rank the whole gallery (n x n indices, 29 GB for SOP)
+            # k="max_bin_count": the default k=None would rank the whole gallery (n x n indices, 29 GB for
+            # SOP)
             calculator = AccuracyCalculator(
                 include=tuple(SHARED_METRICS.values()),
                 k="max_bin_count",
@@ -156,7 +158,8 @@ def run_eval_bench(
     max_class_size: int = SOP_TEST["max_class_size"],
     isolate: bool = True,
 ) -> dict:
-    """Ours and PML's AccuracyCalculator on the same data; `isolate=False` runs both in this process (tests)."""
+    """Ours and PML's AccuracyCalculator on the same data; `isolate=False` runs both in this process
+    (tests)."""
     setup = {
         "n": n,
         "dim": dim,
@@ -224,6 +227,7 @@ def format_table(result: dict) -> str:
     for knn, description in PML_KNN.items():
         diffs = ", ".join(f"{key} {value:.1e}" for key, value in result["max_abs_diff"][knn].items())
         lines.append(
-            f"vs PML with {description}: speed ratio (PML s / ours) {result['speed_ratio'][knn]:.2f}; |ours - PML|: {diffs}"
+            f"vs PML with {description}: speed ratio (PML s / ours) {result['speed_ratio'][knn]:.2f}; "
+            f"|ours - PML|: {diffs}"
         )
     return "\n".join(lines)

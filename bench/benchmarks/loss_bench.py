@@ -59,7 +59,8 @@ def released_smooth_ap(embeddings: Tensor, num_classes: int, temperature: float 
 
 
 def _bbb_bytes(batch: int) -> int:
-    """Rough peak of the B^3 algorithm: about eight float32 B^3 tensors alive (forward and saved for backward)."""
+    """Rough peak of the B^3 algorithm: about eight float32 B^3 tensors alive (forward and saved for
+    backward)."""
     return 8 * 4 * batch**3
 
 
@@ -167,8 +168,8 @@ def run_loss_bench(
 ) -> pd.DataFrame:
     """One row per (batch size, loss) with time_ms, peak_mb, their ratios to ours, and a status.
 
-    `losses`: registry names plus "smooth_ap_bbb" (the released B x B x B algorithm) and "smooth_ap_pml"; default all.
-    The B^3 versions are skipped where their estimated memory exceeds `max_bbb_gb`.
+    `losses`: registry names plus "smooth_ap_bbb" (the released B x B x B algorithm) and "smooth_ap_pml";
+    default all. The B^3 versions are skipped where their estimated memory exceeds `max_bbb_gb`.
     """
     from losses import available_losses
 
@@ -203,7 +204,16 @@ def run_loss_bench(
     ours = table[table["loss"] == OURS].set_index("batch_size")
     table["time_x_ours"] = table["time_ms"] / table["batch_size"].map(ours["time_ms"])
     table["peak_x_ours"] = table["peak_mb"] / table["batch_size"].map(ours["peak_mb"])
-    columns = ["batch_size", "loss", "time_ms", "median_ms", "passes", "peak_mb", "time_x_ours", "peak_x_ours"]
+    columns = [
+        "batch_size",
+        "loss",
+        "time_ms",
+        "median_ms",
+        "passes",
+        "peak_mb",
+        "time_x_ours",
+        "peak_x_ours",
+    ]
     return table[columns + ["status"]]
 
 
@@ -211,15 +221,16 @@ def _format_row(row: dict) -> str:
     if row.get("status") != "ok":
         return f"B={row['batch_size']:>6} {row['loss']:<36} {row.get('status')}"
     return (
-        f"B={row['batch_size']:>6} {row['loss']:<36} {row['time_ms']:10.2f} ms (median {row['median_ms']:.2f}, "
-        f"{row['passes']} passes) {row['peak_mb']:10.1f} MB"
+        f"B={row['batch_size']:>6} {row['loss']:<36} {row['time_ms']:10.2f} ms "
+        f"(median {row['median_ms']:.2f}, {row['passes']} passes) {row['peak_mb']:10.1f} MB"
     )
 
 
 def format_table(df: pd.DataFrame) -> str:
     """Markdown table; ratios are relative to our Smooth-AP at the same batch size."""
     lines = [
-        "| B | loss | fwd+bwd ms (fastest) | median ms | passes | peak MB | time / ours | peak / ours | status |",
+        "| B | loss | fwd+bwd ms (fastest) | median ms | passes | peak MB "
+        "| time / ours | peak / ours | status |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
 

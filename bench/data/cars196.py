@@ -44,7 +44,8 @@ def read_annotations(path: Path) -> tuple[list[str], np.ndarray]:
         image, class_id = record["relative_im_path"], record["class"]
         if not isinstance(image, str) or not image or np.ndim(class_id) != 0:
             raise DatasetError(
-                f"{path}: annotations({index + 1}) has relative_im_path={image!r}, class={class_id!r}; expected a path and one class id"
+                f"{path}: annotations({index + 1}) has relative_im_path={image!r}, class={class_id!r}; "
+                "expected a path and one class id"
             )
         paths.append(image)
         classes.append(int(class_id))

@@ -46,8 +46,8 @@ def check_dataset(
     decode: bool = True,
     out: Callable[[str], None] | None = print,
 ) -> CheckReport:
-    """Load dataset `name` from `root` without a validation carve-out (so `train` is the whole training split),
-    decode every image unless `decode` is False, print the report through `out`, and return it."""
+    """Load dataset `name` from `root` without a validation carve-out (so `train` is the whole training
+    split), decode every image unless `decode` is False, print the report through `out`, and return it."""
     report = CheckReport(name, str(root))
     try:
         bundle = load_dataset(

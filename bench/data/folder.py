@@ -1,10 +1,11 @@
 """A user's own images, as dataset `folder`.
 
-Either an image folder `root/<split>/<class>/*.{jpg,jpeg,png}` with splits `train` and `test` and optionally `val`
-(used instead of the class-disjoint carve-out when present), or, with `data.options.csv: FILE`, a CSV whose header
-names the columns `path,label,split` (paths relative to `data.root`, split one of train/val/test). Classes are the
-folder names or CSV labels (strings); each split's labels are 0..C-1 in sorted name order. Evaluation: leave-one-out
-retrieval within each of val and test, Recall@K for `data.options.ks` (default 1, 2, 4, 8) and MAP@R.
+Either an image folder `root/<split>/<class>/*.{jpg,jpeg,png}` with splits `train` and `test` and optionally
+`val` (used instead of the class-disjoint carve-out when present), or, with `data.options.csv: FILE`, a CSV
+whose header names the columns `path,label,split` (paths relative to `data.root`, split one of
+train/val/test). Classes are the folder names or CSV labels (strings); each split's labels are 0..C-1 in
+sorted name order. Evaluation: leave-one-out retrieval within each of val and test, Recall@K for
+`data.options.ks` (default 1, 2, 4, 8) and MAP@R.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def scan_split(split_dir: Path, problems: list[str]) -> tuple[list[str], list[st
         images = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
         if len(images) < len(files):
             problems.append(
-                f"{entry}: {len(files) - len(images)} files without a {'/'.join(IMAGE_EXTENSIONS)} suffix ignored"
+                f"{entry}: {len(files) - len(images)} files without a {'/'.join(IMAGE_EXTENSIONS)} "
+                "suffix ignored"
             )
         if not images:
             problems.append(f"{entry}: class folder without images, ignored")
@@ -53,8 +55,8 @@ def scan_folders(root: Path, problems: list[str]) -> Listing:
             listing[split] = scan_split(split_dir, problems)
         elif split != "val":
             raise DatasetError(
-                f"folder: {split_dir} not found; expected {root}/train/<class>/*.jpg and {root}/test/<class>/*.jpg "
-                f"(or data.options.csv). See {readme(NAME)}."
+                f"folder: {split_dir} not found; expected {root}/train/<class>/*.jpg and "
+                f"{root}/test/<class>/*.jpg (or data.options.csv). See {readme(NAME)}."
             )
     return listing
 

@@ -1,9 +1,9 @@
 """A dataset of image files: paths, class ids and a transform, decoded with PIL to RGB on access.
 
 Labels are the class ids mapped to 0..C-1 in sorted id order; `classes[label]` gives the original id back, for
-reports. A file that cannot be decoded raises a :class:`DatasetError` naming it, unless `skip_bad_images` is set:
-then another image of the same class stands in (so labels and the P x K sampler stay valid), the file is logged
-once, and `skipped` counts it across DataLoader worker processes.
+reports. A file that cannot be decoded raises a :class:`DatasetError` naming it, unless `skip_bad_images` is
+set: then another image of the same class stands in (so labels and the P x K sampler stay valid), the file is
+logged once, and `skipped` counts it across DataLoader worker processes.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ class ImageList(Dataset):
         except DECODE_ERRORS as error:
             if not self.skip_bad_images:
                 raise DatasetError(
-                    f"cannot read image {self.paths[index]}: {error} (pass --skip-bad-images to skip such files)"
+                    f"cannot read image {self.paths[index]}: {error} "
+                    "(pass --skip-bad-images to skip such files)"
                 ) from error
             self._mark_bad(index, error)
         for other in self._same_class(index):
@@ -87,7 +88,8 @@ class ImageList(Dataset):
             except DECODE_ERRORS as error:
                 self._mark_bad(other, error)
         raise DatasetError(
-            f"every image of class {self.classes[self.labels[index]]!r} is unreadable, e.g. {self.paths[index]}"
+            f"every image of class {self.classes[self.labels[index]]!r} is unreadable, "
+            f"e.g. {self.paths[index]}"
         )
 
     def _mark_bad(self, index: int, error: Exception) -> None:

@@ -2,9 +2,9 @@
 
 The split is published with the Smooth-AP code as `Inat_dataset_splits/Inaturalist_train_set1.txt` and
 `Inaturalist_test_set1.txt`: one image path per line, relative to the dataset root
-(`train_val2018/Plantae/7477/3b60c9486db1d2ee875f11a669fbde4b.jpg`), the class being the numeric category folder
-(iNaturalist category ids are unique across super-categories). Train: 5,690 classes / 325,846 images; test:
-2,452 classes / 136,093 images, leave-one-out retrieval, Recall@1/4/16/32.
+(`train_val2018/Plantae/7477/3b60c9486db1d2ee875f11a669fbde4b.jpg`), the class being the numeric category
+folder (iNaturalist category ids are unique across super-categories). Train: 5,690 classes / 325,846 images;
+test: 2,452 classes / 136,093 images, leave-one-out retrieval, Recall@1/4/16/32.
 """
 
 from __future__ import annotations

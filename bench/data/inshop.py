@@ -2,8 +2,8 @@
 
 The list's first line is the number of entries (52712), the second the header `image_name item_id
 evaluation_status`, then one `img/WOMEN/Dresses/id_00000002/02_1_front.jpg id_00000002 train` per line
-(whitespace-padded columns); image paths are relative to `Img/`. Train: 3,997 items, 25,882 images. Test: 3,985
-items, 14,218 query images searched against 12,612 gallery images, Recall@1/10/20/30/40/50.
+(whitespace-padded columns); image paths are relative to `Img/`. Train: 3,997 items, 25,882 images. Test:
+3,985 items, 14,218 query images searched against 12,612 gallery images, Recall@1/10/20/30/40/50.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Omniglot, bundled: 964 background classes for training (a class-disjoint tail held out for validation) and the
-659 evaluation classes as the retrieval test set, evaluated leave-one-out.
+"""Omniglot, bundled: 964 background classes for training (a class-disjoint tail held out for validation) and
+the 659 evaluation classes as the retrieval test set, evaluated leave-one-out.
 
 The .npz files hold `images` bool (classes, 20, 105, 105), True = background, and `labels` (classes, 20).
 Everything is decoded once into a float tensor in memory (ink = 1.0), resized to `data.image_size`.
@@ -25,7 +25,8 @@ IMAGES_PER_CLASS = 20
 
 
 class TensorImages(Dataset):
-    """Images held in one float tensor (N, 1, S, S); optional light augmentation (random shifts) for training."""
+    """Images held in one float tensor (N, 1, S, S); optional light augmentation (random shifts) for
+    training."""
 
     def __init__(self, images: torch.Tensor, labels: np.ndarray, augment: bool = False) -> None:
         self.images = images
@@ -42,12 +43,16 @@ class TensorImages(Dataset):
         return image, int(self.labels[index])
 
     def subset(self, indices: np.ndarray, augment: bool | None = None) -> TensorImages:
-        return TensorImages(self.images[torch.from_numpy(indices)], self.labels[indices],
-                            self.augment if augment is None else augment)
+        return TensorImages(
+            self.images[torch.from_numpy(indices)],
+            self.labels[indices],
+            self.augment if augment is None else augment,
+        )
 
 
 def random_shift(image: torch.Tensor, max_shift: int) -> torch.Tensor:
-    """Translate by up to `max_shift` pixels with zero (background) fill; uses torch's global RNG (seeded per epoch)."""
+    """Translate by up to `max_shift` pixels with zero (background) fill; uses torch's global RNG (seeded per
+    epoch)."""
     dy, dx = (torch.randint(-max_shift, max_shift + 1, (2,))).tolist()
     padded = F.pad(image, (max_shift, max_shift, max_shift, max_shift))
     side_y, side_x = image.shape[-2:]
@@ -57,15 +62,21 @@ def random_shift(image: torch.Tensor, max_shift: int) -> torch.Tensor:
 def read_npz(path: Path, split: str, image_size: int) -> tuple[torch.Tensor, np.ndarray]:
     """Read one Omniglot .npz into (N, 1, S, S) float ink images and flat int64 labels, checking its shape."""
     if not path.is_file():
-        raise DatasetError(f"Omniglot file missing: {path}. See datasets/omniglot/README.md (it ships with the repo).")
+        raise DatasetError(
+            f"Omniglot file missing: {path}. See datasets/omniglot/README.md (it ships with the repo)."
+        )
     try:
         with np.load(path) as archive:
             images, labels = archive["images"], archive["labels"]
     except (OSError, KeyError, ValueError) as error:
-        raise DatasetError(f"{path}: not a readable Omniglot archive with 'images' and 'labels': {error}") from error
+        raise DatasetError(
+            f"{path}: not a readable Omniglot archive with 'images' and 'labels': {error}"
+        ) from error
     expected = (EXPECTED_CLASSES[split], IMAGES_PER_CLASS, 105, 105)
     if images.shape != expected or labels.shape != expected[:2]:
-        raise DatasetError(f"{path}: images {images.shape} / labels {labels.shape}, expected {expected} / {expected[:2]}")
+        raise DatasetError(
+            f"{path}: images {images.shape} / labels {labels.shape}, expected {expected} / {expected[:2]}"
+        )
     ink = torch.from_numpy(~images.reshape(-1, 1, 105, 105)).float()
     if image_size != 105:
         ink = F.interpolate(ink, size=(image_size, image_size), mode="area")

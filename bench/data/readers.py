@@ -1,5 +1,6 @@
-"""What the file-based readers share: list-file parsing with line-numbered errors, the on-disk check, the check
-against the published counts, and assembling a :class:`DatasetBundle` with the class-disjoint validation carve-out.
+"""What the file-based readers share: list-file parsing with line-numbered errors, the on-disk check, the
+check against the published counts, and assembling a :class:`DatasetBundle` with the class-disjoint validation
+carve-out.
 
 Published counts. A reader declares each split's published (images, classes). `data.options.expect_counts`:
 - `auto` (default): a split whose list has exactly the published number of images must also have the published
@@ -69,7 +70,8 @@ def read_rows(
     path: Path, columns: str, dataset: str, *, header: bool = False, count_line: bool = False
 ) -> list[Row]:
     """Whitespace-separated rows of exactly `len(columns.split())` fields. `header`: the first line (after the
-    count line, if any) must read `columns`. `count_line`: the first line is the number of entries, checked."""
+    count line, if any) must read `columns`. `count_line`: the first line is the number of entries,
+    checked."""
     if not path.is_file():
         raise DatasetError(
             f"{dataset}: list file {path} not found. See {readme(dataset)} for the expected layout."
@@ -97,8 +99,8 @@ def read_rows(
             continue
         if len(fields) != n_fields:
             raise DatasetError(
-                f"{path}, line {number}: expected {n_fields} fields ({columns}), got {len(fields)}: {line.strip()!r} "
-                f"(truncated or damaged list file? see {readme(dataset)})"
+                f"{path}, line {number}: expected {n_fields} fields ({columns}), got {len(fields)}: "
+                f"{line.strip()!r} (truncated or damaged list file? see {readme(dataset)})"
             )
         rows.append(Row(path, number, fields))
     if declared is not None and declared != len(rows):
@@ -109,7 +111,8 @@ def read_rows(
 
 
 def missing_files(paths: Sequence[str]) -> list[str]:
-    """Paths that do not exist, listing each directory once (far cheaper than a stat per file on big datasets)."""
+    """Paths that do not exist, listing each directory once (far cheaper than a stat per file on big
+    datasets)."""
     listings: dict[str, set[str]] = {}
     missing = []
     for path in paths:
@@ -185,7 +188,8 @@ class ReaderContext:
         if missing:
             first = ", ".join(missing[:SHOW_FIRST])
             raise DatasetError(
-                f"{self.name}: {len(missing)} of {len(paths)} images listed in {listed_in} are missing, first: {first}. "
+                f"{self.name}: {len(missing)} of {len(paths)} images listed in {listed_in} "
+                f"are missing, first: {first}. "
                 f"See {readme(self.name)} for where to download the dataset and how to lay it out."
             )
         if published is not None:
@@ -209,8 +213,8 @@ class ReaderContext:
     def bundle(
         self, train: ImageList, tests: list[EvalSplit], ks: tuple[int, ...], val: ImageList | None = None
     ) -> DatasetBundle:
-        """Carve the validation classes out of `train` (unless the dataset brings its own `val`), give training
-        the train transform, and record counts, problems and a content hash in `info`."""
+        """Carve the validation classes out of `train` (unless the dataset brings its own `val`), give
+        training the train transform, and record counts, problems and a content hash in `info`."""
         if val is None:
             try:
                 train_idx, val_idx = carve_validation(train.labels, self.config.val_fraction)
@@ -252,7 +256,8 @@ def named_datasets(bundle: DatasetBundle) -> list[tuple[str, ImageList]]:
 
 
 def split_counts(bundle: DatasetBundle) -> dict[str, int]:
-    """`<split>_images` and `<split>_classes` for every split; a query/gallery split's classes are their union."""
+    """`<split>_images` and `<split>_classes` for every split; a query/gallery split's classes are their
+    union."""
     counts = {"train_images": len(bundle.train), "train_classes": len(np.unique(bundle.train.labels))}
     for split in ([bundle.val] if bundle.val else []) + bundle.tests:
         labels = [split.query.labels]

@@ -8,8 +8,8 @@ import numpy as np
 def carve_validation(labels: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """Split item indices so that the last `val_fraction` of the sorted distinct classes are validation.
 
-    Deterministic (no RNG), class-disjoint, and stable when a dataset grows: why the *last* classes rather than
-    a random draw. Returns (train_indices, val_indices); val is empty when `val_fraction` is 0.
+    Deterministic (no RNG), class-disjoint, and stable when a dataset grows: why the *last* classes rather
+    than a random draw. Returns (train_indices, val_indices); val is empty when `val_fraction` is 0.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
@@ -26,11 +26,14 @@ def carve_validation(labels: np.ndarray, val_fraction: float) -> tuple[np.ndarra
 
 
 def class_folds(labels: np.ndarray, n_folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Class-disjoint k-fold over the distinct classes (contiguous blocks of sorted classes), as in the Reality Check."""
+    """Class-disjoint k-fold over the distinct classes (contiguous blocks of sorted classes), as in the
+    Reality Check."""
     labels = np.asarray(labels)
     classes = np.unique(labels)
     if not 2 <= n_folds <= len(classes):
-        raise ValueError(f"tune.cv_folds={n_folds} must be between 2 and the number of classes ({len(classes)})")
+        raise ValueError(
+            f"tune.cv_folds={n_folds} must be between 2 and the number of classes ({len(classes)})"
+        )
     folds = []
     for block in np.array_split(classes, n_folds):
         is_val = np.isin(labels, block)

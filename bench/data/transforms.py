@@ -1,8 +1,9 @@
 """Image transforms as in the Smooth-AP paper (and the metric-learning literature it follows).
 
-Train: RandomResizedCrop(S) + horizontal flip. Test: Resize(256/224 * S) + CenterCrop(S), so that S=224 gives the
-usual Resize(256) + CenterCrop(224). Both end in ImageNet normalisation, because the backbones are ImageNet-pretrained.
-Geometric ops run on the PIL image (cheaper than on a decoded full-size tensor); conversion to float comes last.
+Train: RandomResizedCrop(S) + horizontal flip. Test: Resize(256/224 * S) + CenterCrop(S), so that S=224 gives
+the usual Resize(256) + CenterCrop(224). Both end in ImageNet normalisation, because the backbones are
+ImageNet-pretrained. Geometric ops run on the PIL image (cheaper than on a decoded full-size tensor);
+conversion to float comes last.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""PKU VehicleID (Liu et al., CVPR 2016), read from `train_test_split/train_list.txt` and `test_list_{800,1600,2400}.txt`.
+"""PKU VehicleID (Liu et al., CVPR 2016), read from `train_test_split/train_list.txt` and
+`test_list_{800,1600,2400}.txt`.
 
-Each list line is `<image name> <vehicle id>` (`0000001 1`); the image is `image/<image name>.jpg`. Train: 13,134
-vehicles, 110,178 images. Test sets: small 800 vehicles / 7,332 images, medium 1,600 / 12,995, large 2,400 / 20,038,
-published as splits `test_small`, `test_medium` and `test` (= large, the headline split), Recall@1/5.
+Each list line is `<image name> <vehicle id>` (`0000001 1`); the image is `image/<image name>.jpg`. Train:
+13,134 vehicles, 110,178 images. Test sets: small 800 vehicles / 7,332 images, medium 1,600 / 12,995, large
+2,400 / 20,038, published as splits `test_small`, `test_medium` and `test` (= large, the headline split),
+Recall@1/5.
 
 Protocol (`data.options.protocol`):
 - `retrieval` (default), as the Smooth-AP and FastAP code evaluates: every image of a test set queries all the

@@ -1,8 +1,8 @@
 """VGGFace2 (Cao et al., FG 2018), read from `train_list.txt` / `test_list.txt`.
 
 Each list line is `<identity>/<file>` (`n000002/0001_01.jpg`), the image being `train/n000002/0001_01.jpg` or
-`test/...`. Train: 8,631 identities / 3,141,890 images; test: 500 identities / 169,396 images. Test: retrieval over
-the test identities, leave-one-out, MAP@R and Recall@1/10/100 (the Smooth-AP paper reports mAP).
+`test/...`. Train: 8,631 identities / 3,141,890 images; test: 500 identities / 169,396 images. Test: retrieval
+over the test identities, leave-one-out, MAP@R and Recall@1/10/100 (the Smooth-AP paper reports mAP).
 """
 
 from __future__ import annotations

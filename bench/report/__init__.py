@@ -1,4 +1,5 @@
-"""Reports from the stores: comparison tables, figures and gradient analysis (`make_report`, `make_grad_report`).
+"""Reports from the stores: comparison tables, figures and gradient analysis (`make_report`,
+`make_grad_report`).
 
 Imported lazily so that `bench.report.console` (used by `train`) does not pull in MLflow and matplotlib.
 """

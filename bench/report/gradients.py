@@ -143,7 +143,8 @@ def rank_profile(frame: pd.DataFrame) -> pd.DataFrame:
 
 def rank_gradient_figure(profile: pd.DataFrame, losses: list[str]) -> Figure:
     """Rows: losses; columns: initial and trained model. Mean |dL/ds| against rank (log-log), positives solid
-    in the loss's colour, negatives dashed grey. Exact zeros (pairs a miner dropped) leave gaps on the log axis.
+    in the loss's colour, negatives dashed grey. Exact zeros (pairs a miner dropped) leave gaps on the log
+    axis.
     """
     states = ["initial", "trained"]
     log_x = profile["rank"].max() > 20  # big batches: the top ranks, where gradient goes, need room
@@ -188,7 +189,8 @@ def rank_gradient_figure(profile: pd.DataFrame, losses: list[str]) -> Figure:
                     positive_values = part["mean_abs_grad"][part["mean_abs_grad"] > 0]
                     top = positive_values.max()
                     ax.set_yscale("log", nonpositive="mask")
-                    # at least two decades, so every panel has labelled decade ticks and no crowded minor labels
+                    # at least two decades, so every panel has labelled decade ticks and no crowded minor
+                    # labels
                     ax.set_ylim(min(positive_values.min(), top / 100) / 1.5, top * 1.5)
                     ax.yaxis.set_minor_formatter(NullFormatter())
                 if log_x:

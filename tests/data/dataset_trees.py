@@ -99,7 +99,8 @@ def cub_tree(tmp: Path) -> Tree:
 def write_cars_annos(
     path: Path, records: list[tuple[str, int, int]], fields: tuple[str, ...] | None = None
 ) -> None:
-    """cars_annos.mat as distributed: a 1xN struct array `annotations` and a 1x196 cell array `class_names`."""
+    """cars_annos.mat as distributed: a 1xN struct array `annotations` and a 1x196 cell array
+    `class_names`."""
     fields = fields or ("relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test")
     table = np.empty(len(records), dtype=[(name, object) for name in fields])
     for i, (relative, class_id, test) in enumerate(records):

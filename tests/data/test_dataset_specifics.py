@@ -1,6 +1,6 @@
-"""Per-dataset details: headers and count lines, the Cars196 .mat fields, In-Shop's shared query/gallery labels,
-VehicleID's protocols, the published-count policy, the folder dataset's val and CSV modes, transforms, `data check`
-and the data benchmark."""
+"""Per-dataset details: headers and count lines, the Cars196 .mat fields, In-Shop's shared query/gallery
+labels, VehicleID's protocols, the published-count policy, the folder dataset's val and CSV modes, transforms,
+`data check` and the data benchmark."""
 
 from __future__ import annotations
 
@@ -241,10 +241,12 @@ def test_own_image_folder_trains_and_evaluates_end_to_end(tmp_path, monkeypatch,
     config = tmp_path / "mine.yaml"
     config.write_text(
         f"""name: mine
-data: {{name: folder, root: {tmp_path / "mine"}, image_size: 16, val_fraction: 0.34, batch_size: 8, samples_per_class: 4}}
+data: {{name: folder, root: {tmp_path / "mine"}, image_size: 16, val_fraction: 0.34, \
+batch_size: 8, samples_per_class: 4}}
 model: {{backbone: convnet, embedding_dim: 8}}
 train: {{epochs: 1, checkpoint_dir: {tmp_path / "ckpt"}}}
-tracking: {{uri: "sqlite:///{tmp_path / "mlflow.db"}", artifact_location: {tmp_path / "art"}, experiment: mine}}
+tracking: {{uri: "sqlite:///{tmp_path / "mlflow.db"}", artifact_location: {tmp_path / "art"}, \
+experiment: mine}}
 """
     )
     assert main(["train", "--config", str(config), "--device", "cpu", "--no-progress"]) == 0

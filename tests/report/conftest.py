@@ -16,8 +16,8 @@ from PIL import Image
 
 EXPERIMENT = "reptest"
 KS = (1, 2, 4, 8)
-# as bench.tune names them: after the config's name, which for triplet here differs from the MLflow experiment,
-# so the report must follow the final runs' `study` tag
+# as bench.tune names them: after the config's name, which for triplet here differs from the MLflow
+# experiment, so the report must follow the final runs' `study` tag
 STUDIES = {"smooth_ap": f"{EXPERIMENT}-smooth_ap", "triplet": "other-config-triplet"}
 
 

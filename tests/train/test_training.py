@@ -1,4 +1,5 @@
-"""Training end to end on a few real Omniglot classes: determinism, exact resume, NaN handling, MLflow contents."""
+"""Training end to end on a few real Omniglot classes: determinism, exact resume, NaN handling, MLflow
+contents."""
 
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def test_same_seed_twice_gives_identical_metrics_and_weights(tmp_path, bundle):
 
 
 class InterruptAt(torch.nn.Module):
-    """Wraps a real loss and raises KeyboardInterrupt (Ctrl-C) on its `at`-th call: mid-epoch by construction."""
+    """Wraps a real loss and raises KeyboardInterrupt (Ctrl-C) on its `at`-th call: mid-epoch by
+    construction."""
 
     def __init__(self, inner: torch.nn.Module, at: int) -> None:
         super().__init__()

@@ -44,7 +44,8 @@ def test_studies_have_equal_budgets_nested_mlflow_runs_and_distinct_final_seeds(
         study = optuna.load_study(study_name=name, storage=exp.tune.storage)
         for trial in study.trials:
             (run,) = [r for r in trial_runs if r.data.tags["trial"] == str(trial.number)]
-            # the params MLflow recorded are the ones Optuna suggested, and the trial's value is the run's last MAP@R
+            # the params MLflow recorded are the ones Optuna suggested, and the trial's value is the run's
+            # last MAP@R
             assert float(run.data.params[f"loss.params.{param}"]) == pytest.approx(trial.params[param])
             history = tracker.client.get_metric_history(run.info.run_id, "val/map_at_r")
             assert len(history) == 2 and run.data.tags["optuna.state"] == "COMPLETE"

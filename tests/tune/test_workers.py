@@ -1,4 +1,5 @@
-"""Robustness to killed and parallel workers: separate processes on one SQLite study (tests/tune/worker.py)."""
+"""Robustness to killed and parallel workers: separate processes on one SQLite study
+(tests/tune/worker.py)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ from tests.helpers import tiny_bundle, tiny_experiment
 
 
 def tune_worker(storage: str, checkpoints: Path, trials: int, epochs: int) -> None:
-    """One tuning worker on the `contrastive` study, with heartbeats fast enough for a test to see a dead one."""
+    """One tuning worker on the `contrastive` study, with heartbeats fast enough for a test to see a dead
+    one."""
     from bench.tune import tune_losses
 
     exp = tiny_experiment(checkpoints, trials=trials, epochs=epochs, extra=["tune.pruner=none"])
