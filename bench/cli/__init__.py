@@ -1,4 +1,5 @@
-"""The `smoothap-bench` command line (also `python -m bench`): the parser in `parser`, handlers in `commands`."""
+"""The `smoothap-bench` command line (also `python -m bench`): the parser in `parser`, handlers in
+`commands`."""
 
 from __future__ import annotations
 
@@ -16,10 +17,18 @@ def main(argv: list[str] | None = None) -> int:
     from bench.config import ConfigError
     from bench.data import DatasetError
     from bench.train import NonFiniteLossError
+    from bench.train.checkpoint import CheckpointError
 
     try:
         return args.handler(args)
-    except (ConfigError, DatasetError, FileExistsError, FileNotFoundError, ValueError) as error:
+    except (
+        ConfigError,
+        CheckpointError,
+        DatasetError,
+        FileExistsError,
+        FileNotFoundError,
+        ValueError,
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLossError as error:

@@ -7,6 +7,7 @@ dataset's own protocol (leave-one-out, or query against gallery).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,11 +50,14 @@ class DatasetBundle:
 
 
 class DatasetError(RuntimeError):
-    """A dataset on disk is missing, incomplete or unreadable; the message says which files and where to look."""
+    """A dataset on disk is missing, incomplete or unreadable; the message says which files and where to
+    look."""
 
 
 Reader = Callable[["DataConfig", Path], DatasetBundle]
 _READERS: dict[str, Reader] = {}
+REPOSITORY_DATASETS = Path(__file__).resolve().parents[2] / "datasets"  # the bundled Omniglot lives here
+_ANNOUNCED: set[Path] = set()  # roots found in the repository, each said once per process
 
 
 def register_dataset(name: str) -> Callable[[Reader], Reader]:
@@ -72,11 +76,33 @@ def available_datasets() -> list[str]:
 
 
 def load_dataset(config: DataConfig) -> DatasetBundle:
-    """Read the dataset named by `config.name` from `config.root`."""
+    """Read the dataset named by `config.name` from `config.root` (see `resolve_root`)."""
     _import_readers()
     if config.name not in _READERS:
-        raise ValueError(f"data.name: unknown dataset {config.name!r}; available: {', '.join(sorted(_READERS))}")
-    return _READERS[config.name](config, Path(config.root))
+        raise ValueError(
+            f"data.name: unknown dataset {config.name!r}; available: {', '.join(sorted(_READERS))}"
+        )
+    return _READERS[config.name](config, resolve_root(config.root, config.name))
+
+
+def resolve_root(root: str | Path, name: str) -> Path:
+    """Where dataset `name` lives: `root` itself when it is absolute or exists from the working directory;
+    else the same relative path in the repository's datasets/ folder (`datasets/omniglot` and `omniglot`
+    alike), so the bundled configs work from any folder. A missing relative root fails naming every place
+    looked in; an absolute one is left to the reader, whose message says what it expected there."""
+    path = Path(root)
+    if path.is_absolute() or path.exists():
+        return path
+    inside = Path(*path.parts[1:]) if path.parts[0] == "datasets" and len(path.parts) > 1 else path
+    found = REPOSITORY_DATASETS / inside
+    if found.exists():
+        if found not in _ANNOUNCED:
+            _ANNOUNCED.add(found)
+            print(f"data.root {root} is not in {Path.cwd()}: reading {found}", file=sys.stderr)
+        return found
+    readme = REPOSITORY_DATASETS / name / "README.md"
+    hint = f" See {readme} for where to get it." if readme.is_file() else ""
+    raise DatasetError(f"data.root {root} not found: looked in {Path.cwd() / path} and {found}.{hint}")
 
 
 def _import_readers() -> None:

@@ -7,7 +7,7 @@ from bench.config import DataConfig
 from bench.data import DatasetError, load_dataset
 from bench.data.omniglot import read_npz
 
-ROOT = Path(__file__).resolve().parent.parent / "datasets" / "omniglot"
+ROOT = Path(__file__).resolve().parents[2] / "datasets" / "omniglot"
 
 
 @pytest.fixture(scope="module")
