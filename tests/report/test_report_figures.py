@@ -1,13 +1,20 @@
-"""Every figure is written, non-empty and labelled; retrieval frames match a brute-force search."""
+"""Every figure is written, non-empty and labelled, and its CSV holds the numbers the stores hold for the runs
+behind it (read back here with MlflowClient and Optuna, not through bench); retrieval frames match a
+brute-force search."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import optuna
 import pandas as pd
 import pytest
 import torch
 from matplotlib.colors import to_rgba
+from mlflow.tracking import MlflowClient
 from PIL import Image
+from scipy import stats
 
 from bench.data import EvalSplit
 from bench.data.omniglot import TensorImages
@@ -36,6 +43,7 @@ def assert_drawn(png, pdf) -> None:
 def test_every_report_figure_is_written_and_drawn(report_dir):
     for stem in REPORT_FIGURES:
         assert_drawn(report_dir / f"{stem}.png", report_dir / f"{stem}.pdf")
+        assert len(pd.read_csv(report_dir / f"{stem}.csv")) > 0, f"{stem} has no data beside it"
     assert not list(report_dir.parent.glob(".*staging*")), "staging folder left behind"
 
 
@@ -148,3 +156,118 @@ def test_retrieval_frames_match_brute_force_search():
             assert grid[r, c + 1].patches[0].get_edgecolor() == to_rgba(colour)
     assert not data["correct"].all() and data["correct"].any()  # both frame colours are exercised
     assert grid[0, 0].get_title() == "query" and grid[0, 5].get_title() == "top 5"
+
+
+def finished_runs(store, stage: str) -> tuple[MlflowClient, list]:
+    client = MlflowClient(store.uri)
+    experiment = client.get_experiment_by_name(store.experiment)
+    query = f"tags.stage = '{stage}' and attributes.status = 'FINISHED'"
+    return client, client.search_runs([experiment.experiment_id], query, max_results=1000)
+
+
+def t_half_width(values: list[float]) -> float:
+    """95% Student-t half-width over seeds; NaN for a single value."""
+    if len(values) < 2:
+        return math.nan
+    return stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values))
+
+
+def assert_close(actual: float, expected: float) -> None:
+    """The CSVs keep 6 significant digits; NaN must stay NaN."""
+    if math.isnan(expected):
+        assert math.isnan(actual)
+    else:
+        assert actual == pytest.approx(expected, rel=6e-6, abs=1e-12)
+
+
+def test_recall_figure_data_is_the_final_runs_test_recall(store, report_dir):
+    _, finals = finished_runs(store, "final")
+    data = pd.read_csv(report_dir / "recall_at_k_folder.csv")
+    expected = {}
+    for run in finals:
+        for k in (1, 2, 4, 8):
+            expected.setdefault((run.data.params["loss"], k), []).append(
+                run.data.metrics[f"test/recall_at_{k}"]
+            )
+    assert sorted(zip(data["loss"], data["k"], strict=True)) == sorted(expected)
+    for row in data.itertuples():
+        values = expected[(row.loss, row.k)]
+        assert row.n_seeds == len(values)
+        assert_close(row.mean, float(np.mean(values)))
+        assert_close(row.ci95, t_half_width(values))
+
+
+def curve_data_from_mlflow(store, key: str) -> dict[tuple[str, int], list[float]]:
+    """(loss, 1-based epoch) -> the metric's value in every final run at that epoch."""
+    client, finals = finished_runs(store, "final")
+    values: dict[tuple[str, int], list[float]] = {}
+    for run in finals:
+        for metric in client.get_metric_history(run.info.run_id, key):
+            values.setdefault((run.data.params["loss"], metric.step + 1), []).append(metric.value)
+    return values
+
+
+@pytest.mark.parametrize(
+    ("folder", "stem", "key"),
+    [("report", "val_map_at_r_folder", "val/map_at_r"), ("grad", "grad_norm", "train/grad_norm")],
+)
+def test_curve_figure_data_is_the_runs_metric_history(store, report_dir, grad_dir, folder, stem, key):
+    data = pd.read_csv((report_dir if folder == "report" else grad_dir) / f"{stem}.csv")
+    expected = curve_data_from_mlflow(store, key)
+    assert sorted(zip(data["loss"], data["epoch"], strict=True)) == sorted(expected)
+    for row in data.itertuples():
+        values = expected[(row.loss, row.epoch)]
+        assert row.n_seeds == len(values)
+        for column, value in (("mean", np.mean(values)), ("min", min(values)), ("max", max(values))):
+            assert_close(getattr(row, column), float(value))
+
+
+def complete_trials(store, loss: str) -> list:
+    (name,) = [n for n in optuna.get_all_study_names(store.optuna) if n.endswith(f"-{loss}")]
+    study = optuna.load_study(study_name=name, storage=store.optuna)
+    return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+@pytest.mark.parametrize("loss", ["smooth_ap", "triplet"])
+def test_optuna_figure_data_is_the_studys_complete_trials(store, report_dir, loss):
+    data = pd.read_csv(report_dir / f"optuna_{loss}.csv")
+    trials = complete_trials(store, loss)
+    assert data["trial"].tolist() == [t.number for t in trials]
+    best = -math.inf
+    for row, trial in zip(data.itertuples(), trials, strict=True):
+        best = max(best, trial.value)  # both studies maximise validation MAP@R
+        assert_close(row.value, trial.value)
+        assert_close(row.best_so_far, best)
+
+
+def test_temperature_figure_data_is_smooth_aps_complete_trials(store, report_dir):
+    data = pd.read_csv(report_dir / "smooth_ap_temperature.csv")
+    trials = sorted(complete_trials(store, "smooth_ap"), key=lambda t: t.params["temperature"])
+    assert data["number"].tolist() == [t.number for t in trials]
+    for row, trial in zip(data.itertuples(), trials, strict=True):
+        assert_close(row.temperature, trial.params["temperature"])
+        assert_close(row.val_map_at_r, trial.value)
+
+
+def test_ablation_figure_data_is_the_ablation_runs_test_map_at_r(store, report_dir):
+    _, ablations = finished_runs(store, "ablation")
+    expected: dict[float, list[float]] = {}
+    for run in ablations:
+        expected.setdefault(float(run.data.params["ablation.value"]), []).append(
+            run.data.metrics["test/map_at_r"]
+        )
+    data = pd.read_csv(report_dir / "ablation_loss_params_temperature.csv")
+    assert sorted(data["value"]) == sorted(expected) and set(data["loss"]) == {"smooth_ap"}
+    for row in data.itertuples():
+        values = expected[row.value]
+        assert row.n_seeds == len(values)
+        assert_close(row.map_at_r_mean, float(np.mean(values)))
+        assert_close(row.map_at_r_ci95, t_half_width(values))
+
+
+def test_retrieval_figure_data_marks_a_result_right_exactly_when_its_label_matches(report_dir):
+    data = pd.read_csv(report_dir / "retrieval_examples_smooth_ap.csv")
+    assert (data["correct"] == (data["query_label"] == data["item_label"])).all()
+    assert data["query"].nunique() == 6
+    for _, part in data.groupby("query"):
+        assert part["rank"].tolist() == [1, 2, 3, 4, 5]
