@@ -38,12 +38,10 @@ def test_frozen_batchnorm_keeps_statistics_and_affine_fixed_while_training():
     assert not torch.equal(unfrozen.batchnorms()[0].running_mean, before[0])
 
 
-def test_resnet18_takes_grey_images_and_missing_pretrained_weights_say_where(tmp_path, monkeypatch):
+def test_resnet18_takes_grey_images():
+    """Missing pretrained weights (downloaded, or offline an error) are tested in tests/test_backbones.py."""
     model = build_model(ModelConfig(backbone="resnet18", embedding_dim=16), in_channels=1, seed=0)
     assert model.eval()(torch.rand(2, 1, 32, 32)).shape == (2, 16)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="resnet18-.*pth"):
-        build_model(ModelConfig(backbone="resnet18", pretrained=True), in_channels=3, seed=0)
 
 
 def test_cached_pretrained_weights_are_loaded(tmp_path, monkeypatch):
