@@ -5,7 +5,10 @@ from __future__ import annotations
 
 def metrics_table(rows: dict[str, dict[str, float]], prefix: str = "test/") -> str:
     """One row per run name, one column per metric under `prefix` (recall first, by K), as aligned text."""
-    keys = sorted({k for m in rows.values() for k in m if k.startswith(prefix)}, key=_metric_order)
+    keys = sorted(
+        {k for m in rows.values() for k in m if k.startswith(prefix)},
+        key=lambda k: metric_order(k[len(prefix) :]),
+    )
     if not keys:
         return "(no test metrics)"
     names = [k[len(prefix) :] for k in keys]
@@ -17,8 +20,13 @@ def metrics_table(rows: dict[str, dict[str, float]], prefix: str = "test/") -> s
     return "\n".join(lines)
 
 
-def _metric_order(key: str) -> tuple[int, int, str]:
-    name = key.rsplit("/", 1)[-1]
-    if name.startswith("recall_at_"):
-        return (0, int(name[len("recall_at_") :]), key)
-    return (1, 0, key)
+# the table columns after Recall@K, in order (bench.report.tables labels them)
+METRIC_ORDER = ("map_at_r", "r_precision", "nmi", "ami", "f1")
+
+
+def metric_order(metric: str) -> tuple[int, int, str]:
+    """Recall@K by K, then MAP@R, R-Precision, NMI, AMI, F1, then any other metric by name."""
+    if metric.startswith("recall_at_"):
+        return (0, int(metric[len("recall_at_") :]), metric)
+    rank = METRIC_ORDER.index(metric) if metric in METRIC_ORDER else len(METRIC_ORDER)
+    return (1 + rank, 0, metric)

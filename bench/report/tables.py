@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from bench.report.console import metric_order
 from bench.report.runs import REFERENCE_LOSS
 
 DISPLAY_NAMES = {
@@ -43,14 +44,6 @@ def metric_label(metric: str) -> str:
     if metric.startswith("recall_at_"):
         return f"R@{metric[len('recall_at_') :]}"
     return LABELS.get(metric, metric)
-
-
-def metric_order(metric: str) -> tuple[int, int, str]:
-    """Recall@K by K, then MAP@R, R-Precision, NMI, AMI, F1, then any other metric by name."""
-    if metric.startswith("recall_at_"):
-        return (0, int(metric[len("recall_at_") :]), metric)
-    known = list(LABELS)
-    return (1 + known.index(metric) if metric in known else 1 + len(known), 0, metric)
 
 
 def test_metrics(runs: pd.DataFrame) -> list[str]:
