@@ -26,8 +26,8 @@ QUICK_EXPERIMENT = "omniglot-quick"
 
 
 def main_job_overrides(quick: bool, experiment_name: str | None, user_overrides: Sequence[str]) -> list[str]:
-    """--quick's budget and the experiment's name (its MLflow experiment and study prefix) as config overrides,
-    before the user's own --set ones so that those still win."""
+    """--quick's budget and the experiment's name (its MLflow experiment and study prefix) as config
+    overrides, before the user's own --set ones so that those still win."""
     name = experiment_name or (QUICK_EXPERIMENT if quick else None)
     renamed = [f"name={name}", f"tracking.experiment={name}"] if name else []
     return [*(QUICK_OVERRIDES if quick else ()), *renamed, *user_overrides]
@@ -54,11 +54,19 @@ def run_main_job(
     log: Log | None = print,
     report_dir: str | Path | None = None,
     after: Callable[[MainJobResult], list[Path]] | None = None,
+    widen: float | None = None,
 ) -> MainJobResult:
     """Tune, final seeds, then `make_report` and `make_grad_report` into `report_dir` (default
-    results/<tracking experiment>/ and its grad/), unless `after(result) -> files` replaces both."""
+    results/<tracking experiment>/ and its grad/), unless `after(result) -> files` replaces both.
+
+    `widen`: after tuning, a loss whose best value hit an edge of its range is tuned again, on the same
+    budget, over that range widened by this factor (bench.tune.edges), and its final runs come from that
+    study.
+    """
     from bench.data import load_dataset
     from bench.tune import budget_report, format_seconds, run_finals, tune_losses
+    from bench.tune.runner import ranges_to_widen
+    from bench.tune.space import with_overrides
 
     storage = storage or exp.tune.storage
     bundle = bundle or load_dataset(exp.data)
@@ -73,13 +81,24 @@ def run_main_job(
         bundle=bundle,
         log=log,
     )
+    if widen is not None and all(s.done for s in studies.values()):
+        ranges = ranges_to_widen(exp, loss_names, storage, widen)
+        if log:
+            log(
+                f"[run] widening x{widen}: "
+                + (", ".join(f"{k} {v}" for k, v in ranges.items()) or "no edge hit")
+            )
+        if ranges:
+            exp = with_overrides(exp, {"tune.widen": {**exp.tune.widen, **ranges}})
+            kw = {"tracker": tracker, "storage": storage, "timeout": timeout, "device": device, "log": log}
+            studies.update(tune_losses(exp, list(ranges), bundle=bundle, **kw))
     finals: dict[str, list[FinalRun]] = {}
     if all(s.done for s in studies.values()):
         for loss in loss_names:
             finals[loss] = run_finals(
                 exp, loss, tracker=tracker, storage=storage, device=device, bundle=bundle, log=log
             )
-    budgets = budget_report(storage, exp.name, loss_names)
+    budgets = budget_report(storage, exp.name, loss_names, widened=list(exp.tune.widen))
     result = MainJobResult(studies, finals, budgets, complete=len(finals) == len(loss_names))
     if log:
         log(f"[run] tuning and final seeds took {format_seconds(time.perf_counter() - started)}")

@@ -1,5 +1,5 @@
-"""Read what the report needs from the stores: final and ablation runs from MLflow (through the tracker), trials
-from Optuna.
+"""Read what the report needs from the stores: final and ablation runs from MLflow (through the tracker),
+trials from Optuna.
 
 Everything is returned as plain pandas frames, so tables and figures never talk to MLflow themselves and tests
 can check them against numbers read back independently.
@@ -13,6 +13,7 @@ from mlflow.entities import Run
 
 from bench import layout
 from bench.tracking import MissingExperiment, Tracker, redact
+from bench.tune.edges import WIDENED_SUFFIX
 
 REFERENCE_LOSS = "smooth_ap"
 RUN_COLUMNS = ["run_id", "loss", "dataset", "seed"]
@@ -23,7 +24,8 @@ class ReportError(ValueError):
 
 
 def open_store(tracking_uri: str | None, experiment: str) -> Tracker:
-    """A read-only tracker on an existing store and experiment; a missing one is a ReportError, never created."""
+    """A read-only tracker on an existing store and experiment; a missing one is a ReportError, never
+    created."""
     uri = layout.tracking_uri(tracking_uri)
     if layout.missing_sqlite(uri):
         raise ReportError(f"no MLflow store at {uri} (file {layout.sqlite_path(uri)} does not exist)")
@@ -43,6 +45,10 @@ def _row(run: Run) -> dict:
         "dataset": params.get("dataset") or params.get("data.name"),
         "seed": int(seed) if seed is not None else None,
         "study": tags.get("study"),
+        "batch_size": _int(params.get("data.batch_size")),
+        "per_class": _int(params.get("data.samples_per_class")),
+        "embedding_dim": _int(params.get("model.embedding_dim")),
+        "wall_s": (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None,
     }
     row["loss_params"] = {
         k[len("loss.params.") :]: yaml.safe_load(v) for k, v in params.items() if k.startswith("loss.params.")
@@ -51,13 +57,22 @@ def _row(run: Run) -> dict:
     return row
 
 
+def _int(text: str | None) -> int | None:
+    return int(text) if text is not None else None
+
+
 def final_runs(tracker: Tracker) -> pd.DataFrame:
-    """One row per finished `stage=final` run: run_id, loss, dataset, seed and every metric's last value."""
-    runs = tracker.find_runs(tags={"stage": "final"}, status="FINISHED")
+    """One row per finished `stage=final` run: run_id, loss, dataset, seed and every metric's last value.
+    Runs superseded by a loss's retuning over widened ranges (tag `superseded_by`) are left out."""
+    runs = [
+        r
+        for r in tracker.find_runs(tags={"stage": "final"}, status="FINISHED")
+        if "superseded_by" not in r.data.tags
+    ]
     if not runs:
         raise ReportError(
-            f"experiment {tracker.experiment!r} in {redact(tracker.uri)} has no finished runs tagged stage=final; "
-            "run `smoothap-bench tune` (or `smoothap-bench run`) first"
+            f"experiment {tracker.experiment!r} in {redact(tracker.uri)} has no finished runs "
+            "tagged stage=final; run `smoothap-bench tune` (or `smoothap-bench run`) first"
         )
     frame = pd.DataFrame([_row(run) for run in runs])
     frame["dataset"] = frame["dataset"].fillna("unknown")  # grouped by dataset: a run must not drop out
@@ -68,7 +83,8 @@ def final_runs(tracker: Tracker) -> pd.DataFrame:
 
 
 def ablation_runs(tracker: Tracker) -> pd.DataFrame:
-    """One row per finished `stage=ablation` run with `param`, `value` (and `param2`, `value2` for a 2-D grid).
+    """One row per finished `stage=ablation` run with `param`, `value` (and `param2`, `value2` for a 2-D
+    grid).
 
     Values are parsed as floats where they are numbers, so sweeps plot on a numeric axis.
     """
@@ -96,7 +112,8 @@ def _number(text: str | None) -> float | str | None:
 
 
 def metric_histories(tracker: Tracker, runs: pd.DataFrame, key: str) -> pd.DataFrame:
-    """Per-step values of metric `key` for every run in `runs`: columns loss, dataset, seed, run_id, step, value."""
+    """Per-step values of metric `key` for every run in `runs`: columns loss, dataset, seed, run_id, step,
+    value."""
     rows = []
     for run in runs.itertuples():
         for metric in tracker.metric_history(run.run_id, key):
@@ -116,7 +133,8 @@ def metric_histories(tracker: Tracker, runs: pd.DataFrame, key: str) -> pd.DataF
 def optuna_studies(storage: str, experiment: str, final: pd.DataFrame | None = None) -> dict[str, object]:
     """The tuning studies keyed by loss: `<experiment>-<loss>`, or the study a loss's final runs name in their
     `study` tag (it wins: bench.tune names studies after the config's name, which may differ from the MLflow
-    experiment's). Empty when the storage holds none.
+    experiment's, and a loss retuned over widened ranges has its `-widened` study). Empty when the storage
+    holds none.
     """
     import optuna
 
@@ -124,7 +142,7 @@ def optuna_studies(storage: str, experiment: str, final: pd.DataFrame | None = N
         return {}  # don't let Optuna create an empty database file as a side effect
     existing = set(optuna.study.get_all_study_names(storage))
     prefix = f"{experiment}-"
-    names = {n[len(prefix) :]: n for n in existing if n.startswith(prefix)}
+    names = {n[len(prefix) :]: n for n in existing if n.startswith(prefix) and not n.endswith(WIDENED_SUFFIX)}
     if final is not None and "study" in final:
         tagged = final[["loss", "study"]].dropna().drop_duplicates("loss")
         names.update({row.loss: row.study for row in tagged.itertuples() if row.study in existing})

@@ -1,4 +1,5 @@
-"""Final seeds: each loss's best trial retrained with fresh seeds and tested once; the runs the report compares."""
+"""Final seeds: each loss's best trial retrained with fresh seeds and tested once; the runs the report
+compares."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from bench.data import DatasetBundle, load_dataset
 from bench.train import default_checkpoint_path, holds_unfinished_run, train_and_evaluate
 from bench.tune.runner import PARENT_RUN_ATTR, format_seconds
 from bench.tune.space import for_loss, with_overrides
-from bench.tune.study import best_trial, open_storage, study_name
+from bench.tune.study import best_trial, loss_study_name, open_storage, study_name
 
 if TYPE_CHECKING:  # MLflow is imported by the caller that builds the tracker
     from bench.tracking import Tracker
@@ -54,10 +55,15 @@ def run_finals(
 ) -> list[FinalRun]:
     """Retrain the loss's best trial with each seed (tune.final_epochs, else train.epochs) and test it once.
 
-    Runs already FINISHED in MLflow for this study, best trial and seed are skipped; an interrupted one resumes
-    from its checkpoint.
+    Runs already FINISHED in MLflow for this study, best trial and seed are skipped; an interrupted one
+    resumes from its checkpoint. A loss tuned again over widened ranges (`tune.widen`) is retrained from its
+    widened study, and the final runs of its original study are tagged `superseded_by` (the report leaves
+    them out).
     """
-    name = study or study_name(exp.name, loss)
+    name = study or loss_study_name(for_loss(exp, loss))
+    if tracker is not None and study is None and name != study_name(exp.name, loss):
+        for old in tracker.find_runs(tags={"stage": "final", "study": study_name(exp.name, loss)}):
+            tracker.set_tags(old.info.run_id, {"superseded_by": name})
     loaded = optuna.load_study(study_name=name, storage=open_storage(storage or exp.tune.storage))
     best = best_trial(loaded)
     base = with_overrides(for_loss(exp, loss), best.user_attrs["overrides"])

@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 import losses as loss_registry
 from bench.config import ConfigError, Experiment
 from bench.data import DatasetBundle, load_dataset
+from bench.tune.edges import EdgeHit, study_edge_hits, widened_ranges
 from bench.tune.objective import Objective, SurplusTrial
 from bench.tune.space import for_loss, with_overrides
 from bench.tune.study import (
@@ -29,6 +30,7 @@ from bench.tune.study import (
     LossStudy,
     StudySummary,
     open_storage,
+    study_name,
 )
 
 if TYPE_CHECKING:  # MLflow is imported by the caller that builds the tracker
@@ -105,7 +107,8 @@ class LossTuner:
         return self.study.status()
 
     def run_one(self) -> TrialLine | None:
-        """Run one trial (Optuna handles heartbeats, pruned and failed states); None if the slot went elsewhere."""
+        """Run one trial (Optuna handles heartbeats, pruned and failed states); None if the slot went
+        elsewhere."""
         started = time.perf_counter()
         ended: list[FrozenTrial] = []
         self.study.study.optimize(
@@ -121,8 +124,12 @@ class LossTuner:
         seconds = time.perf_counter() - started
         return TrialLine(self.loss, trial.number, trial.state.name, value, self.summary().best_value, seconds)
 
+    def edge_hits(self) -> list[EdgeHit]:
+        return study_edge_hits(self.study.study)
+
     def close(self) -> StudySummary:
-        """When the budget is finished: best value and parameters onto the parent run, which then ends."""
+        """When the budget is finished: best value and parameters onto the parent run, which then ends; the
+        parameters whose best value sits at an edge of their range are tagged `edge.<param>` = low | high."""
         summary = self.summary()
         if self.tracker is None or not summary.done or summary.best_value is None:
             return summary
@@ -216,4 +223,24 @@ def tune_losses(
                 log(progress_line(line, done, tuner.budget, float(np.mean(durations)) * left))
         if not open_tuners:
             time.sleep(poll_s)  # the remaining trials belong to other workers (or to dead ones, until stale)
-    return {t.loss: t.close() for t in tuners}
+    summaries = {t.loss: t.close() for t in tuners}
+    if log is not None:
+        for tuner in tuners:
+            for hit in tuner.edge_hits():
+                log(f"[tune] edge: {tuner.loss} {hit.describe()}; its optimum may lie beyond (see --widen)")
+    return summaries
+
+
+def ranges_to_widen(
+    exp: Experiment, loss_names: Sequence[str], storage: str, factor: float
+) -> dict[str, dict[str, list[float]]]:
+    """For each loss whose (original) study's best value hit an edge: its widened ranges, as `tune.widen`."""
+    rdb = open_storage(storage)
+    existing = set(optuna.get_all_study_names(rdb))
+    widen = {}
+    for loss in loss_names:
+        name = study_name(exp.name, loss)
+        hits = study_edge_hits(optuna.load_study(study_name=name, storage=rdb)) if name in existing else []
+        if hits:
+            widen[loss] = widened_ranges(hits, factor)
+    return widen

@@ -15,13 +15,23 @@ from optuna.distributions import distribution_to_json
 
 import losses as loss_registry
 from bench.config import Experiment, check_search_range, experiment_from_dict, set_path
+from bench.tune.edges import WidenedTrial
 
 # settings that may differ between the trials of one study without making them incomparable
-UNFINGERPRINTED = ("tune.trials", "tune.final_seeds", "tune.final_epochs", "tune.storage", "tracking.")
+# (`tune.widen` changes the search space, which the study audits on its own)
+UNFINGERPRINTED = (
+    "tune.trials",
+    "tune.final_seeds",
+    "tune.final_epochs",
+    "tune.storage",
+    "tune.widen",
+    "tracking.",
+)
 
 
 def with_overrides(exp: Experiment, overrides: dict[str, Any]) -> Experiment:
-    """A copy of `exp` with dotted keys (`optim.lr`, `loss.params.margin`) set; unknown keys raise ConfigError."""
+    """A copy of `exp` with dotted keys (`optim.lr`, `loss.params.margin`) set; unknown keys raise
+    ConfigError."""
     raw = exp.to_dict()
     for key, value in overrides.items():
         set_path(raw, key, value)
@@ -29,7 +39,8 @@ def with_overrides(exp: Experiment, overrides: dict[str, Any]) -> Experiment:
 
 
 def for_loss(exp: Experiment, loss: str) -> Experiment:
-    """`exp` training `loss`; the config's fixed `loss.params` belong to its own loss and are kept only for it."""
+    """`exp` training `loss`; the config's fixed `loss.params` belong to its own loss and are kept only for
+    it."""
     if loss == exp.loss.name:
         return exp
     return with_overrides(exp, {"loss.name": loss, "loss.params": {}})
@@ -54,17 +65,21 @@ def suggest_shared(trial: optuna.Trial, shared_space: dict[str, Any]) -> dict[st
 
 
 def suggest_overrides(trial: optuna.Trial, exp: Experiment) -> dict[str, Any]:
-    """The trial's config overrides: the loss's own search space as `loss.params.<name>`, then shared entries."""
+    """The trial's config overrides: the loss's own search space as `loss.params.<name>` (with the ranges
+    `tune.widen` replaces for this loss), then shared entries."""
     spec = loss_registry.get_spec(exp.loss.name)
     overrides: dict[str, Any] = {}
     if spec.search_space is not None:
-        overrides.update({f"loss.params.{k}": v for k, v in spec.search_space(trial).items()})
+        widened = exp.tune.widen.get(exp.loss.name)
+        space = spec.search_space(WidenedTrial(trial, widened) if widened else trial)
+        overrides.update({f"loss.params.{k}": v for k, v in space.items()})
     overrides.update(suggest_shared(trial, exp.tune.shared_space))
     return overrides
 
 
 def describe_space(exp: Experiment) -> dict[str, str]:
-    """The search space as Optuna distribution JSON, recorded in the study so budgets and spaces can be audited.
+    """The search space as Optuna distribution JSON, recorded in the study so budgets and spaces can be
+    audited.
 
     Drawing one probe point also checks every key and value against the config before any trial starts.
     """
@@ -75,7 +90,8 @@ def describe_space(exp: Experiment) -> dict[str, str]:
 
 
 def recipe_fingerprint(exp: Experiment, space: dict[str, Any]) -> str:
-    """Hash of the fixed settings every trial of a study shares (all but the tuned keys, budget and stores)."""
+    """Hash of the fixed settings every trial of a study shares (all but the tuned keys, budget and
+    stores)."""
     tuned = set(space) | {f"loss.params.{name}" for name in space}
     skip = (*UNFINGERPRINTED, "train.checkpoint_dir")
     fixed = {k: v for k, v in exp.flat().items() if k not in tuned and not k.startswith(skip)}
