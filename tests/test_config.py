@@ -94,9 +94,15 @@ def test_flat_params_use_dotted_keys():
         ("eval.backend=gpu", r"eval\.backend: must be one of auto, faiss, torch, got 'gpu'"),
         ("tune.trials=0", r"tune\.trials must be at least 1, got 0"),
         ("tune.cv_folds=0", r"tune\.cv_folds must be at least 1, got 0"),
-        ("tune.shared_space={optim.lr: {low: 1e-4, hgih: 1e-2}}", r"tune\.shared_space\.optim\.lr: unknown field"),
+        (
+            "tune.shared_space={optim.lr: {low: 1e-4, hgih: 1e-2}}",
+            r"tune\.shared_space\.optim\.lr: unknown field",
+        ),
         ("tune.shared_space={optim.lr: {low: 1e-4}}", r"tune\.shared_space\.optim\.lr: needs low and high"),
-        ("tune.shared_space={optim.lr: {choices: []}}", r"tune\.shared_space\.optim\.lr\.choices: expected a non-empty"),
+        (
+            "tune.shared_space={optim.lr: {choices: []}}",
+            r"tune\.shared_space\.optim\.lr\.choices: expected a non-empty",
+        ),
     ],
 )
 def test_option_strings_and_tuning_settings_are_rejected_at_load_with_their_key_path(override, message):

@@ -83,7 +83,8 @@ class CheckpointHook(Hook):
 
 
 class TrackingHook(Hook):
-    """The run's setup when it starts, each epoch's metrics, and at the end the test metrics and checkpoint."""
+    """The run's setup when it starts, each epoch's metrics, and at the end the test metrics and
+    checkpoint."""
 
     def __init__(self, tracker: Tracker, resumed: bool, checkpoint: Path) -> None:
         self.tracker, self.resumed, self.checkpoint = tracker, resumed, checkpoint
@@ -143,7 +144,8 @@ class ProgressHook(Hook):
 
 
 def log_run_setup(tracker: Tracker, run_id: str, exp: Experiment, bundle: DatasetBundle) -> None:
-    """Params (the flattened config plus the names reports group by), dataset identity, and the YAML config."""
+    """Params (the flattened config plus the names reports group by), dataset identity, and the YAML
+    config."""
     tracker.log_params(run_id, loggable_params(exp))
     tracker.set_tags(
         run_id,
@@ -171,8 +173,8 @@ def log_run_setup(tracker: Tracker, run_id: str, exp: Experiment, bundle: Datase
 
 
 def loggable_params(exp: Experiment) -> dict:
-    """The flattened config plus the names reports group by (loss, dataset, seed), without store URLs: they may
-    carry a server's credentials, and the run lives there anyway."""
+    """The flattened config plus the names reports group by (loss, dataset, seed), without store URLs: they
+    may carry a server's credentials, and the run lives there anyway."""
     params = exp.flat()
     params.pop("tracking.uri", None)
     params.pop("tune.storage", None)
@@ -188,7 +190,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def skipped_images(bundle: DatasetBundle) -> int:
-    """Corrupt images replaced under data.skip_bad_images, over every split (readers count them as they load)."""
+    """Corrupt images replaced under data.skip_bad_images, over every split (readers count them as they
+    load)."""
     splits = [split for split in [bundle.val, *bundle.tests] if split]
     datasets = [bundle.train] + [part for split in splits for part in (split.query, split.gallery)]
     return sum(int(getattr(d, "skipped", 0)) for d in datasets if d is not None)

@@ -5,9 +5,9 @@ Fairness rules built in here (Musgrave et al., "A Metric Learning Reality Check"
 - trials are scored on validation classes held out from training (or class-disjoint k-fold over the training
   classes), never on test classes; only the final seed runs touch the test set, once each.
 
-The package is cut along its seams: `space` (what a trial overrides), `sampler` (TPE seeded per trial, pruners),
-`study` (Optuna only: create, audit, count), `objective` (one trial's body), `runner` (many losses in turn, with
-their MLflow parent runs) and `finals` (the final seeds).
+The package is cut along its seams: `space` (what a trial overrides), `sampler` (TPE seeded per trial,
+pruners), `study` (Optuna only: create, audit, count), `objective` (one trial's body), `runner` (many losses
+in turn, with their MLflow parent runs) and `finals` (the final seeds).
 """
 
 from bench.tune.finals import FinalRun, final_seeds, run_finals

@@ -11,9 +11,10 @@ import optuna
 class TrialSeededTPE(optuna.samplers.BaseSampler):
     """TPE whose random state for trial n is seeded from (seed, n).
 
-    One seeded TPESampler per process would make two workers draw the same random startup points; seeding by trial
-    number keeps a study reproducible after restarts and gives every parallel trial its own draw. TPE keeps no
-    state besides its RNG (it reads the history from the storage), so a fresh sampler per trial loses nothing.
+    One seeded TPESampler per process would make two workers draw the same random startup points; seeding by
+    trial number keeps a study reproducible after restarts and gives every parallel trial its own draw. TPE
+    keeps no state besides its RNG (it reads the history from the storage), so a fresh sampler per trial loses
+    nothing.
     """
 
     def __init__(self, seed: int, n_startup_trials: int) -> None:
