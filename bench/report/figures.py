@@ -101,17 +101,37 @@ def _legend_below(fig: Figure, ax, n: int) -> None:
     )
 
 
+def recall_data(summary: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """What `recall_figure` plots: per loss and K, the test Recall@K mean and 95% CI half-width over seeds
+    (fractions; CI NaN with a single seed) and the number of seeds."""
+    ks = [int(m[len("recall_at_") :]) for m in metrics if m.startswith("recall_at_")]
+    rows = [
+        {
+            "loss": row.loss,
+            "k": k,
+            "mean": getattr(row, f"recall_at_{k}_mean"),
+            "ci95": getattr(row, f"recall_at_{k}_ci95"),
+            "n_seeds": row.n_seeds,
+        }
+        for row in summary.itertuples()
+        for k in ks
+    ]
+    return pd.DataFrame(rows, columns=["loss", "k", "mean", "ci95", "n_seeds"])
+
+
 def recall_figure(summary: pd.DataFrame, metrics: list[str], dataset: str) -> Figure:
     """Test Recall@K against K per loss, error bars = 95% CI over seeds (none with a single seed)."""
-    ks = [int(m[len("recall_at_") :]) for m in metrics if m.startswith("recall_at_")]
+    data = recall_data(summary, metrics)
+    ks = sorted(data["k"].unique())
     with paper_style():
         fig = Figure(figsize=(COLUMN_IN, 2.6), layout="constrained")
         ax = fig.add_subplot()
         positions = np.arange(len(ks), dtype=float)
         width = 0.5 / max(len(summary), 1)
         for i, row in enumerate(summary.itertuples()):
-            means = np.array([getattr(row, f"recall_at_{k}_mean") for k in ks]) * 100
-            cis = np.nan_to_num(np.array([getattr(row, f"recall_at_{k}_ci95") for k in ks]) * 100)
+            part = data[data["loss"] == row.loss].set_index("k").loc[ks]
+            means = part["mean"].to_numpy(dtype=float) * 100
+            cis = np.nan_to_num(part["ci95"].to_numpy(dtype=float) * 100)
             offset = (i - (len(summary) - 1) / 2) * width
             ax.errorbar(
                 positions + offset,
@@ -171,6 +191,30 @@ def curves_figure(
             ax.set_xticks(sorted(data["epoch"].unique()))
         _legend_below(fig, ax, len(losses))
     return fig, data[["loss", "epoch", "mean", "min", "max", "n_seeds"]]
+
+
+def convergence_figure(history: pd.DataFrame) -> Figure:
+    """Best validation MAP@R after each trial, one line per loss (`cost.best_so_far`): a line still
+    rising at the last trial means the budget had not converged for that loss."""
+    with paper_style():
+        fig = Figure(figsize=(COLUMN_IN, 2.6), layout="constrained")
+        ax = fig.add_subplot()
+        for loss, part in history.groupby("loss", sort=False):
+            ax.plot(
+                part["trial"] + 1,
+                part["best_so_far"],
+                marker="o",
+                ms=3,
+                color=loss_color(loss),
+                label=display_name(loss),
+            )
+        ax.set_xlabel("trials finished")
+        ax.set_ylabel("best validation MAP@R")
+        ax.set_title("tuning: best value after each trial")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        _legend_below(fig, ax, history["loss"].nunique())
+    return fig
 
 
 def optuna_figure(study, loss: str) -> tuple[Figure, pd.DataFrame]:
@@ -258,7 +302,8 @@ def temperature_figure(trials: pd.DataFrame, param: str) -> tuple[Figure, pd.Dat
 
 
 def ablation_figure(table: pd.DataFrame, metric: str) -> Figure:
-    """The test metric against the swept value, mean with a 95% CI band; one line per loss (and second value)."""
+    """The test metric against the swept value, mean with a 95% CI band; one line per loss (and second
+    value)."""
     param = str(table["param"].iloc[0])
     second = "value2" in table
     with paper_style():

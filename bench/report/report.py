@@ -18,7 +18,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from bench import layout
-from bench.report import figures, gradients, runs, tables
+from bench.report import cost, figures, gradients, receipt, runs, significance, tables
+from bench.report.edges import edge_frame, edge_notes
 from bench.report.runs import REFERENCE_LOSS, open_store
 from bench.tracking import Tracker
 
@@ -67,44 +68,74 @@ def make_report(
     optuna_storage: str | None = layout.OPTUNA_STORAGE,
     device: str = "cpu",
     retrieval_queries: int = 6,
+    allow_unfair: bool = False,
 ) -> list[Path]:
     """Tables and figures of `experiment`'s final, tuning and ablation runs; returns the files written.
 
-    Raises ReportError (writing nothing) when the store, the experiment or its final runs are missing.
+    Each comparison table has the fairness receipt (`bench.report.receipt`) under it. Raises ReportError
+    (writing nothing) when the store, the experiment or its final runs are missing, and UnfairComparison when
+    the receipt is broken, unless `allow_unfair`, which renders the tables marked as unfair.
     """
     tracker = open_store(tracking_uri, experiment)
     final = runs.final_runs(tracker)
+    fairness = receipt.read_receipt(tracker, final)
+    receipt.enforce(fairness, allow_unfair)
+    studies = runs.optuna_studies(optuna_storage, experiment, final) if optuna_storage else {}
+    edges = edge_frame(studies)
     with staged(Path(out_dir)) as (stage, written):
         for dataset, part in final.groupby("dataset", sort=True):
             summary, metrics = tables.comparison_table(part)
             name = _slug(dataset)
-            _write(stage, written, f"comparison_{name}.md", tables.to_markdown(summary, metrics))
-            _write(stage, written, f"comparison_{name}.tex", tables.to_latex(summary, metrics))
+            markdown = tables.to_markdown(summary, metrics) + edge_notes(edges, studies)
+            latex = tables.to_latex(summary, metrics)
+            if receipt.breaches(fairness, str(dataset)):
+                markdown, latex = f"{receipt.UNFAIR_MARK}\n\n{markdown}", f"% {receipt.UNFAIR_MARK}\n{latex}"
+            markdown += "\n" + receipt.render(fairness, str(dataset))
+            _write(stage, written, f"comparison_{name}.md", markdown)
+            _write(stage, written, f"comparison_{name}.tex", latex)
             _write(stage, written, f"comparison_{name}.csv", tables.to_csv(summary))
-            _save(
-                stage, written, figures.recall_figure(summary, metrics, str(dataset)), f"recall_at_k_{name}"
-            )
+            recall = figures.recall_figure(summary, metrics, str(dataset))
+            _save(stage, written, recall, f"recall_at_k_{name}", figures.recall_data(summary, metrics))
             history = runs.metric_histories(tracker, part, "val/map_at_r")
             if len(history):
                 fig, data = figures.curves_figure(
                     history, "validation MAP@R", f"{dataset}: validation MAP@R (band: min–max over seeds)"
                 )
                 _save(stage, written, fig, f"val_map_at_r_{name}", data)
-        _optuna_figures(stage, written, optuna_storage, experiment, final)
+            _significance_and_cost(stage, written, part, studies, name)
+        if studies:
+            _write(stage, written, "search_edges.csv", tables.to_csv(edges))
+        _optuna_figures(stage, written, studies, optuna_storage, experiment)
         _ablation_outputs(stage, written, runs.ablation_runs(tracker))
         _retrieval_figure(stage, written, tracker, final, device, retrieval_queries)
     return written
 
 
-def _optuna_figures(
-    stage: Path, written: list[Path], storage: str | None, experiment: str, final: pd.DataFrame
+def _significance_and_cost(
+    stage: Path, written: list[Path], part: pd.DataFrame, studies: dict[str, object], name: str
 ) -> None:
-    studies = runs.optuna_studies(storage, experiment, final) if storage else {}
+    """Each loss against Smooth-AP (Welch interval, Holm-adjusted p, seeds needed), and what each loss
+    cost."""
+    if REFERENCE_LOSS in set(part["loss"]) and part["loss"].nunique() > 1:
+        comparisons = significance.compare_to_reference(part)
+        _write(stage, written, f"significance_{name}.md", tables.significance_markdown(comparisons))
+        _write(stage, written, f"significance_{name}.csv", tables.to_csv(comparisons))
+    costs = cost.cost_table(part, studies)
+    _write(stage, written, f"cost_{name}.md", cost.cost_markdown(costs))
+    _write(stage, written, f"cost_{name}.csv", tables.to_csv(costs))
+
+
+def _optuna_figures(
+    stage: Path, written: list[Path], studies: dict[str, object], storage: str | None, experiment: str
+) -> None:
     if not studies:
         log.warning("no Optuna studies %s-<loss> in %s: tuning figures skipped", experiment, storage)
     for loss, study in studies.items():
         fig, data = figures.optuna_figure(study, loss)
         _save(stage, written, fig, f"optuna_{_slug(loss)}", data)
+    if studies:
+        history = cost.best_so_far(studies)
+        _save(stage, written, figures.convergence_figure(history), "tuning_convergence", history)
     if REFERENCE_LOSS in studies:
         trials = runs.trials_frame(studies[REFERENCE_LOSS])
         param = next((c for c in trials.columns if str(c).endswith("temperature")), None)
@@ -146,7 +177,8 @@ def _checkpoints(tracker: Tracker, final: pd.DataFrame, into: Path) -> dict[str,
 def retrieval_from_runs(
     tracker: Tracker, final: pd.DataFrame, device: str = "cpu", queries: int = 6
 ) -> tuple[Figure, pd.DataFrame] | None:
-    """Retrieval examples on the test split from Smooth-AP's checkpoint (else another loss's); None without any."""
+    """Retrieval examples on the test split from Smooth-AP's checkpoint (else another loss's); None without
+    any."""
     from bench.data import load_dataset
     from bench.train import model_from_checkpoint
 
@@ -175,7 +207,8 @@ def _retrieval_figure(
 
 def rank_profile_from_runs(tracker: Tracker, final: pd.DataFrame, seed: int = 0) -> pd.DataFrame | None:
     """Mean |dL/ds| by rank for every loss of `final`, on one real training batch, from the initial network
-    (build_model with the runs' seed) and from each loss's trained checkpoint. None when no run has a checkpoint.
+    (build_model with the runs' seed) and from each loss's trained checkpoint. None when no run has a
+    checkpoint.
     """
     from bench.data import load_dataset
     from bench.models import build_model
@@ -212,8 +245,8 @@ def make_grad_report(
     tracking_uri: str | None, experiment: str, out_dir: str | Path, seed: int = 0
 ) -> list[Path]:
     """Figure 2 (step vs sigmoids), |dL/ds| against rank per loss (initial and trained model, one real batch),
-    and the embedding-gradient norm over training; each figure with its data as CSV. Returns the files written.
-    The analysis is one batch per loss, so it runs on the CPU.
+    and the embedding-gradient norm over training; each figure with its data as CSV. Returns the files
+    written. The analysis is one batch per loss, so it runs on the CPU.
     """
     tracker = open_store(tracking_uri, experiment)
     final = runs.final_runs(tracker)
