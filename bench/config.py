@@ -51,6 +51,15 @@ class ModelConfig:
 class LossConfig:
     name: str = "smooth_ap"
     params: dict[str, Any] = field(default_factory=dict)
+    # cross-batch memory (Wang et al., CVPR 2020): the last memory_size embeddings (detached) and labels are
+    # extra retrieval items for the batch's queries from step memory_start_step on; 0 = no memory
+    memory_size: int = 0
+    memory_start_step: int = 0
+
+    def validate(self, path: str) -> None:
+        for key in ("memory_size", "memory_start_step"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{path}.{key} must be at least 0, got {getattr(self, key)}")
 
 
 @dataclass
@@ -71,6 +80,14 @@ class TrainConfig:
     channels_last: bool = True  # used only on CUDA
     checkpoint_dir: str = layout.CHECKPOINTS
     grad_clip: float | None = None
+    # gradient caching: embed the batch in chunks of chunk_size (None = the whole batch at once); exact with
+    # model.freeze_bn, while BatchNorm in training mode sees each chunk's statistics
+    chunk_size: int | None = None
+    sync_bn: bool = False  # under torchrun, BatchNorm in training mode on the global batch (SyncBatchNorm)
+
+    def validate(self, path: str) -> None:
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ConfigError(f"{path}.chunk_size must be at least 1 (or null), got {self.chunk_size}")
 
 
 @dataclass
@@ -101,6 +118,9 @@ class TuneConfig:
     cv_folds: int = 1  # >1: class-disjoint k-fold over the training classes
     # tuned beside each loss's own space, e.g. {"optim.lr": {"low": 1e-4, "high": 1e-2, "log": true}}
     shared_space: dict[str, Any] = field(default_factory=dict)
+    # ranges replacing a loss's own, {loss: {param: [low, high]}}: what `tune --widen` sets for the losses
+    # whose best value hit an edge; such a loss is tuned in its own study, `<experiment>-<loss>-widened`
+    widen: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     def validate(self, path: str) -> None:
         for key, minimum in (("trials", 1), ("cv_folds", 1), ("final_seeds", 0)):
@@ -108,6 +128,12 @@ class TuneConfig:
                 raise ConfigError(f"{path}.{key} must be at least {minimum}, got {getattr(self, key)}")
         for key, spec in self.shared_space.items():
             check_search_range(f"{path}.shared_space.{key}", spec)
+        for loss, ranges in self.widen.items():
+            for param, bounds in ranges.items():
+                if len(bounds) != 2 or not bounds[0] < bounds[1]:
+                    raise ConfigError(
+                        f"{path}.widen.{loss}.{param}: expected [low, high] with low < high, got {bounds}"
+                    )
 
 
 SEARCH_RANGE_FIELDS = ("low", "high", "log", "step", "choices")
@@ -268,7 +294,8 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        return dict(value)
+        _, item = typing.get_args(hint)
+        return {key: _coerce(item, v, f"{path}.{key}") for key, v in value.items()}
     if hint is Any:
         return value
     if origin is Literal:

@@ -31,6 +31,14 @@ queries are ranked against them (their `MapLoss` stores score rows).
 gradient through both ranks (among all items and among the positives), a fixed margin (positives lowered and
 negatives raised by `margin`), and `lambda_val` per query on unnormalised ranks (the effective lambda is
 lambda_val times the number of queries). It has neither memory nor interclass term.
+
+Queries x gallery form (`losses._refs`): `loss(embeddings, labels, ref_embeddings, ref_labels, query_offset)`
+ranks the retrieval set for each query, its own column at `query_offset + q` left out (the harness's
+cross-batch memory, `loss.memory_size`, comes through it; the interclass term ranks the (query, query)
+pairs). Under torchrun every rank computes the global loss on the gathered batch (`splits_by_query` is
+False: the interclass term is one ranking of the whole batch, and the margin draws one z per pair of the
+whole batch); the harness gives every rank the same random state before the loss, so every rank draws the
+same margins, those of a single process on that batch.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import torch
 from torch import Tensor
 
 from losses import register
+from losses._refs import check_refs, own_columns
 
 VARIANTS = ("authors", "both_ranks")
 
@@ -106,19 +115,20 @@ def authors_loss_from_similarities(
     lambda_val: float = 4.0,
     margin: float = 0.02,
     interclass_coef: float = 0.0,
+    query_offset: int = 0,
 ) -> Tensor | None:
-    """The authors' loss from a B x M similarity matrix whose first B items are the queries themselves (query
-    q is left out of its own ranking) and whose other M - B items are memory; None when no query has a
-    positive. `ref_labels` (M) defaults to `labels` (M = B)."""
+    """The authors' loss from a B x M similarity matrix whose items `query_offset .. query_offset + B - 1` are
+    the queries themselves (query q is left out of its own ranking) and whose other M - B items are memory or
+    other ranks' items; None when no query has a positive. `ref_labels` (M) defaults to `labels` (M = B)."""
     labels = labels.reshape(-1).to(sims.device)
     ref_labels = labels if ref_labels is None else ref_labels.reshape(-1).to(sims.device)
     batch = labels.numel()
-    if sims.shape != (batch, ref_labels.numel()) or ref_labels.numel() < batch:
+    if sims.shape != (batch, ref_labels.numel()) or ref_labels.numel() < batch + query_offset:
         raise ValueError(
-            f"sims must be B x M for B = {batch} labels and M = {ref_labels.numel()} >= B items, "
-            f"got {tuple(sims.shape)}"
+            f"sims must be B x M for B = {batch} labels and M = {ref_labels.numel()} >= B + query_offset "
+            f"items, got {tuple(sims.shape)}"
         )
-    is_self = torch.eye(batch, ref_labels.numel(), dtype=torch.bool, device=sims.device)
+    is_self = own_columns(batch, ref_labels.numel(), query_offset, sims.device)
     same = labels.unsqueeze(1) == ref_labels.unsqueeze(0)
     positive = same & ~is_self
     queries = positive.any(1)
@@ -127,10 +137,11 @@ def authors_loss_from_similarities(
     ranked = sims.masked_fill(is_self, float("-inf"))[queries]
     loss = authors_ap_loss(ranked, positive[queries], ref_labels.numel() - 1, lambda_val, margin)
     if interclass_coef > 0:
-        pairs = ~is_self[:, :batch]  # every (query, item) pair of the batch, in one ranking
+        block = slice(query_offset, query_offset + batch)  # the queries' own columns
+        pairs = ~is_self[:, block]  # every (query, other query) pair, in one ranking
         interclass = authors_ap_loss(
-            sims[:, :batch][pairs].unsqueeze(0),
-            same[:, :batch][pairs].unsqueeze(0),
+            sims[:, block][pairs].unsqueeze(0),
+            same[:, block][pairs].unsqueeze(0),
             int(pairs.sum()),
             lambda_val,
             margin,
@@ -140,16 +151,26 @@ def authors_loss_from_similarities(
 
 
 def both_ranks_loss_from_similarities(
-    sims: Tensor, labels: Tensor, lambda_val: float = 4.0, margin: float = 0.02
+    sims: Tensor,
+    labels: Tensor,
+    lambda_val: float = 4.0,
+    margin: float = 0.02,
+    ref_labels: Tensor | None = None,
+    query_offset: int = 0,
 ) -> Tensor | None:
-    """Our earlier variant: 1 - mean blackbox AP from a B x B similarity matrix, the blackbox gradient through
-    both ranks, a fixed margin, lambda per query; None when no query has a positive."""
+    """Our earlier variant: 1 - mean blackbox AP from a B x B similarity matrix (or B x M, the queries at
+    `query_offset` of `ref_labels`), the blackbox gradient through both ranks, a fixed margin, lambda per
+    query; None when no query has a positive."""
     labels = labels.reshape(-1).to(sims.device)
+    ref_labels = labels if ref_labels is None else ref_labels.reshape(-1).to(sims.device)
     batch = labels.numel()
-    if sims.shape != (batch, batch):
-        raise ValueError(f"sims must be B x B for B = {batch} labels, got {tuple(sims.shape)}")
-    not_self = ~torch.eye(batch, dtype=torch.bool, device=sims.device)
-    positive = (labels.unsqueeze(0) == labels.unsqueeze(1)) & not_self
+    if sims.shape != (batch, ref_labels.numel()):
+        raise ValueError(
+            f"sims must be B x M for B = {batch} labels and M = {ref_labels.numel()} items, "
+            f"got {tuple(sims.shape)}"
+        )
+    not_self = ~own_columns(batch, ref_labels.numel(), query_offset, sims.device)
+    positive = (ref_labels.unsqueeze(0) == labels.unsqueeze(1)) & not_self
     queries = positive.any(1)
     num_queries = int(queries.sum())
     if num_queries == 0:
@@ -195,6 +216,8 @@ class BatchMemory(torch.nn.Module):
 class BlackboxAP(torch.nn.Module):
     """1 - mean AP with exact ranks and blackbox gradients (the authors' algorithm by default)."""
 
+    splits_by_query = False  # the interclass term and the margin's draws span the whole batch
+
     def __init__(
         self,
         lambda_val: float = 4.0,
@@ -226,10 +249,21 @@ class BlackboxAP(torch.nn.Module):
         self.memory = BatchMemory(int(batch_memory)) if batch_memory else None
         self._warned = False
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        ref_embeddings: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+        query_offset: int = 0,
+    ) -> Tensor:
+        """The batch against itself (and the loss's own batch memory), or the queries against
+        `ref_embeddings` (`losses._refs`)."""
         dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             emb = embeddings.to(dtype)
+            if ref_embeddings is not None:
+                return self._forward_refs(emb, labels, ref_embeddings.to(dtype), ref_labels, query_offset)
             if self.memory is None:
                 return self.forward_similarities(emb @ emb.T, labels)
             items, item_labels = self.memory.with_memory(emb, labels)
@@ -238,6 +272,26 @@ class BlackboxAP(torch.nn.Module):
             )
             self.memory.push(emb, labels)
             return self._or_zero(loss, emb)
+
+    def _forward_refs(
+        self, emb: Tensor, labels: Tensor, refs: Tensor, ref_labels: Tensor | None, offset: int
+    ) -> Tensor:
+        if self.memory is not None:
+            raise ValueError(
+                "blackbox_ap: batch_memory keeps its own memory; it cannot be combined with ref_embeddings "
+                "(the harness's loss.memory_size): use one of the two"
+            )
+        labels, ref_labels = check_refs("blackbox_ap", emb, labels, refs, ref_labels, offset)
+        sims = emb @ refs.T
+        if self.variant == "both_ranks":
+            loss = both_ranks_loss_from_similarities(
+                sims, labels, self.lambda_val, self.margin, ref_labels, offset
+            )
+        else:
+            loss = authors_loss_from_similarities(
+                sims, labels, ref_labels, self.lambda_val, self.margin, self.interclass_coef, offset
+            )
+        return self._or_zero(loss, sims)
 
     def forward_similarities(self, sims: Tensor, labels: Tensor) -> Tensor:
         """The loss as a function of the B x B similarity matrix (row q = query q's similarities); the batch

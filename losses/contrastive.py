@@ -22,6 +22,8 @@ from losses._pml import PMLLoss
 class Contrastive(PMLLoss):
     """Hinge on positive distances above `pos_margin` and negative distances below `neg_margin`."""
 
+    name = "contrastive"
+
     def __init__(self, pos_margin: float = 0.0, neg_margin: float = 1.0):
         if not 0.0 <= pos_margin < neg_margin:
             raise ValueError(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
+from torch import Tensor
 
 from losses import register
 from losses._pml import PMLLoss
@@ -23,11 +24,26 @@ from losses._pml import PMLLoss
 class MultiSimilarity(PMLLoss):
     """MS loss on the pairs the MS miner keeps (those within `epsilon` of the hardest opposite pair)."""
 
+    name = "multi_similarity"
+
     def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5, epsilon: float = 0.1):
         super().__init__(
             pml_losses.MultiSimilarityLoss(alpha=alpha, beta=beta, base=base),
             pml_miners.MultiSimilarityMiner(epsilon=epsilon),
         )
+
+    def ref_indices(
+        self, embeddings: Tensor, labels: Tensor, refs: Tensor, ref_labels: Tensor, query_offset: int
+    ) -> tuple[Tensor, ...]:
+        """The mined pairs without own columns, and none for a query whose only positive is itself: the miner
+        takes its own column (similarity 1) as its least similar positive and would keep every negative within
+        epsilon of 1, where the square form keeps nothing for a query without positives."""
+        anchors, positives, neg_anchors, negatives = super().ref_indices(
+            embeddings, labels, refs, ref_labels, query_offset
+        )
+        has_positive = (ref_labels.unsqueeze(0) == labels.unsqueeze(1)).sum(1) > 1
+        keep = has_positive[neg_anchors]
+        return anchors, positives, neg_anchors[keep], negatives[keep]
 
 
 def search_space(trial) -> dict:

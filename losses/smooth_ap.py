@@ -26,6 +26,12 @@ over the similarity matrix: the forward pass keeps each pair's numerator and den
 recomputes a block's sigmoids (or reuses them when all of them fit in one chunk) and applies the analytic
 gradient. Peak memory is O(B^2 + chunk_elements), with at least one query's m x B sigmoids per block;
 never B^3.
+
+Queries x gallery form (`losses._refs`): `loss(embeddings, labels, ref_embeddings, ref_labels, query_offset)`
+ranks the retrieval set for each query, the query's own column at `query_offset + q` playing the part of the
+diagonal: the same formula row by row on a B x M similarity matrix, B x P x M work. The loss is the mean over
+its queries, so it splits by query (`splits_by_query`): under torchrun each rank takes the AP terms of its
+own queries against the gathered global batch, and the ranks' mean is the loss of the whole batch.
 """
 
 from __future__ import annotations
@@ -38,34 +44,43 @@ import torch
 from torch import Tensor
 
 from losses import register
+from losses._refs import check_refs
 
 
-def query_groups(labels: Tensor, include_self: bool, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+def query_groups(
+    labels: Tensor,
+    include_self: bool,
+    device: torch.device,
+    ref_labels: Tensor | None = None,
+    query_offset: int = 0,
+) -> list[tuple[Tensor, Tensor]]:
     """The queries that have a positive, grouped by class size: (queries[n], positives[n, m]) per size.
 
-    Queries of one group have the same number m of positives (class size - 1, or the class size itself with
-    `include_self`), so their sigmoids form a dense n x m x B block. Queries are ascending: a batch whose
-    classes all have the same size (a P x K batch) is one group holding every query in order. Built with
-    NumPy on the host, where a dozen tiny index operations cost a fraction of as many torch dispatches; the
-    index tensors are then put on `device`.
+    Positives are columns of the retrieval set `ref_labels` (default: the queries themselves), which holds
+    query q at column `query_offset + q`. Queries of one group have the same number m of positives (the
+    class's count in the retrieval set - 1, or the count itself with `include_self`), so their sigmoids form
+    a dense n x m x M block. Queries are ascending: a batch whose classes all have the same size (a P x K
+    batch) is one group holding every query in order. Built with NumPy on the host, where a dozen tiny index
+    operations cost a fraction of as many torch dispatches; the index tensors are then put on `device`.
     """
     codes = labels.detach().reshape(-1).cpu().numpy()
-    members_in_order = np.argsort(codes, kind="stable")  # class by class, ascending within a class
-    sorted_codes = codes[members_in_order]
+    ref_codes = codes if ref_labels is None else ref_labels.detach().reshape(-1).cpu().numpy()
+    members_in_order = np.argsort(ref_codes, kind="stable")  # class by class, ascending within a class
+    sorted_codes = ref_codes[members_in_order]
     starts_class = np.concatenate(([True], sorted_codes[1:] != sorted_codes[:-1]))
     class_start = np.flatnonzero(starts_class)
-    counts = np.diff(np.concatenate((class_start, [codes.size])))
-    inverse = np.empty_like(members_in_order)  # class index of each item
-    inverse[members_in_order] = np.cumsum(starts_class) - 1
-    class_size = counts[inverse]
+    counts = np.diff(np.concatenate((class_start, [ref_codes.size])))
+    query_class = np.searchsorted(sorted_codes[class_start], codes)  # every query is in the retrieval set
+    class_size = counts[query_class]
     groups = []
-    for size in np.unique(counts):
+    for size in np.unique(class_size):
         if size < 2:  # a singleton class has no positive
             continue
         queries = np.flatnonzero(class_size == size)
-        positives = members_in_order[class_start[inverse[queries]][:, None] + np.arange(size)]
+        positives = members_in_order[class_start[query_class[queries]][:, None] + np.arange(size)]
         if not include_self:
-            positives = positives[positives != queries[:, None]].reshape(-1, size - 1)
+            own = queries + query_offset
+            positives = positives[positives != own[:, None]].reshape(-1, size - 1)
         groups.append((torch.from_numpy(queries).to(device), torch.from_numpy(positives).to(device)))
     return groups
 
@@ -86,38 +101,42 @@ class _Gram(torch.autograd.Function):
 
 class _Block(NamedTuple):
     """Queries start:stop of group `group`, whose sigmoids are computed together; `rows` indexes their rows
-    of S."""
+    of S, `own` their own columns."""
 
     group: int
     start: int
     stop: int
-    queries: Tensor
+    own: Tensor
     positives: Tensor
     rows: Tensor | slice
 
 
-def _blocks(groups: list[tuple[Tensor, Tensor]], batch: int, chunk_elements: int) -> list[_Block]:
+def _blocks(
+    groups: list[tuple[Tensor, Tensor]], shape: tuple[int, int], chunk_elements: int, query_offset: int
+) -> list[_Block]:
     """Split each group into blocks of at most `chunk_elements` sigmoids (at least one query each)."""
     blocks = []
+    rows_total, columns = shape
     for group, (queries, positives) in enumerate(groups):
-        every_query = queries.numel() == batch  # then queries == arange(batch): rows are plain slices
-        step = max(1, chunk_elements // (positives.shape[1] * batch))
+        every_query = queries.numel() == rows_total  # then queries == arange(rows): rows are plain slices
+        own = queries + query_offset if query_offset else queries
+        step = max(1, chunk_elements // (positives.shape[1] * columns))
         for start in range(0, queries.numel(), step):
             stop = min(start + step, queries.numel())
             rows = slice(start, stop) if every_query else queries[start:stop]
-            blocks.append(_Block(group, start, stop, queries[start:stop], positives[start:stop], rows))
+            blocks.append(_Block(group, start, stop, own[start:stop], positives[start:stop], rows))
     return blocks
 
 
 def _block_sigmoids(sims: Tensor, block: _Block, temperature: float, include_self: bool) -> Tensor:
     """sig[q, i, j] = sig((s_qj - s_qi) / T) for the block's (query, positive i) pairs and every item j,
-    zero where j is excluded: j == i, and j == q without `include_self`."""
+    zero where j is excluded: j == i, and j == q's own column without `include_self`."""
     rows = sims[block.rows]
     anchor = rows.gather(1, block.positives)  # s_qi
     sig = torch.sub(rows.unsqueeze(1), anchor.unsqueeze(2)).mul_(1.0 / temperature).sigmoid_()
     sig.scatter_(2, block.positives.unsqueeze(2), 0.0)
     if not include_self:
-        sig.scatter_(2, block.queries.view(-1, 1, 1).expand(-1, sig.shape[1], 1), 0.0)
+        sig.scatter_(2, block.own.view(-1, 1, 1).expand(-1, sig.shape[1], 1), 0.0)
     return sig
 
 
@@ -134,8 +153,8 @@ class _SmoothAPRanking(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, sims, groups, temperature, include_self, chunk_elements):
-        blocks = _blocks(groups, sims.shape[1], chunk_elements)
+    def forward(ctx, sims, groups, temperature, include_self, chunk_elements, query_offset):
+        blocks = _blocks(groups, sims.shape, chunk_elements, query_offset)
         # keep the sigmoids for the backward when all of them together fit in one chunk
         keep = sum(block.positives.numel() for block in blocks) * sims.shape[1] <= chunk_elements
         # each pair's sums, written in place block by block: no small tensor is left behind per block, which
@@ -183,7 +202,7 @@ class _SmoothAPRanking(torch.autograd.Function):
             grad_rows = g_all.sum(1)
             grad_rows.scatter_add_(1, block.positives, g_pos.sum(1) - g_all.sum(2) - g_pos.sum(2))
             grad[block.rows] = grad_rows
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def smooth_ap_loss_from_similarities(
@@ -192,18 +211,29 @@ def smooth_ap_loss_from_similarities(
     temperature: float = 0.01,
     include_self: bool = False,
     chunk_elements: int = 2**22,
+    ref_labels: Tensor | None = None,
+    query_offset: int = 0,
 ) -> Tensor | None:
-    """1 - mean Smooth-AP from a B x B similarity matrix; None when no query has a positive."""
-    if sims.dim() != 2 or sims.shape[0] != sims.shape[1] or sims.shape[0] != labels.numel():
-        raise ValueError(f"sims must be B x B for B = {labels.numel()} labels, got {tuple(sims.shape)}")
-    groups = query_groups(labels, include_self, sims.device)
+    """1 - mean Smooth-AP from a B x B similarity matrix, or from B x M similarities to a retrieval set
+    `ref_labels` holding the queries at `query_offset` (`losses._refs`); None when no query has a positive."""
+    columns = labels.numel() if ref_labels is None else ref_labels.numel()
+    if sims.dim() != 2 or sims.shape != (labels.numel(), columns):
+        raise ValueError(
+            f"sims must be B x M for B = {labels.numel()} labels and M = {columns} items, "
+            f"got {tuple(sims.shape)}"
+        )
+    groups = query_groups(labels, include_self, sims.device, ref_labels, query_offset)
     if not groups:
         return None
-    return _SmoothAPRanking.apply(sims, groups, float(temperature), bool(include_self), int(chunk_elements))
+    return _SmoothAPRanking.apply(
+        sims, groups, float(temperature), bool(include_self), int(chunk_elements), int(query_offset)
+    )
 
 
 class SmoothAP(torch.nn.Module):
     """1 - mean Smooth-AP over the batch's queries; any label order, uneven class counts."""
+
+    splits_by_query = True  # a mean of per-query terms: ranks may each take their own queries
 
     def __init__(self, temperature: float = 0.01, include_self: bool = False, chunk_elements: int = 2**22):
         super().__init__()
@@ -216,8 +246,16 @@ class SmoothAP(torch.nn.Module):
         self.chunk_elements = int(chunk_elements)
         self._warned = False
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        if embeddings.dim() != 2 or embeddings.shape[0] != labels.numel():
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        ref_embeddings: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+        query_offset: int = 0,
+    ) -> Tensor:
+        """The batch against itself, or the queries against `ref_embeddings` (`losses._refs`)."""
+        if ref_embeddings is None and (embeddings.dim() != 2 or embeddings.shape[0] != labels.numel()):
             raise ValueError(
                 f"smooth_ap: expected embeddings [B, D] and labels [B], got {tuple(embeddings.shape)} "
                 f"and {tuple(labels.shape)}"
@@ -226,16 +264,35 @@ class SmoothAP(torch.nn.Module):
         # Sigmoid arguments are differences of similarities divided by a small T: keep them in fp32.
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             emb = embeddings.to(dtype)
-            return self.forward_similarities(_Gram.apply(emb), labels)
+            if ref_embeddings is None:
+                return self.forward_similarities(_Gram.apply(emb), labels)
+            labels, ref_labels = check_refs(
+                "smooth_ap", emb, labels, ref_embeddings, ref_labels, query_offset
+            )
+            sims = emb @ ref_embeddings.to(dtype).T
+            loss = smooth_ap_loss_from_similarities(
+                sims,
+                labels,
+                self.temperature,
+                self.include_self,
+                self.chunk_elements,
+                ref_labels,
+                query_offset,
+            )
+            return self._or_zero(loss, sims)
 
     def forward_similarities(self, sims: Tensor, labels: Tensor) -> Tensor:
         """The loss as a function of the B x B similarity matrix (row q = query q's similarities)."""
         loss = smooth_ap_loss_from_similarities(
             sims, labels, self.temperature, self.include_self, self.chunk_elements
         )
+        return self._or_zero(loss, sims)
+
+    def _or_zero(self, loss: Tensor | None, sims: Tensor) -> Tensor:
+        """`loss`, or a zero connected to the graph (warning once) when no query had a positive."""
         if loss is None:
             if not self._warned:
-                warnings.warn("smooth_ap: batch has no positive pair; loss is 0", stacklevel=3)
+                warnings.warn("smooth_ap: batch has no positive pair; loss is 0", stacklevel=4)
                 self._warned = True
             return sims.sum() * 0.0
         return loss

@@ -29,6 +29,8 @@ MINERS = ("all", "hard", "semihard", "easy", "batch_hard")
 class Triplet(PMLLoss):
     """Triplet margin loss on (anchor, positive, negative) triplets picked by the chosen miner."""
 
+    name = "triplet"
+
     def __init__(self, margin: float = 0.1, miner: str = "semihard"):
         if miner not in MINERS:
             raise ValueError(f"triplet: miner must be one of {', '.join(MINERS)}, got {miner!r}")

@@ -14,7 +14,7 @@ Definitions (the README repeats them):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -27,13 +27,14 @@ class PKSampler(Sampler[list[int]]):
             raise ValueError(f"data.samples_per_class must be >= 1, got {samples_per_class}")
         if batch_size % samples_per_class:
             raise ValueError(
-                f"data.batch_size={batch_size} must be a multiple of data.samples_per_class={samples_per_class}"
+                f"data.batch_size={batch_size} must be a multiple of "
+                f"data.samples_per_class={samples_per_class}"
             )
         self.classes_per_batch = batch_size // samples_per_class
         if self.classes_per_batch < 2:
             raise ValueError(
-                f"data.batch_size={batch_size} with samples_per_class={samples_per_class} gives one class per batch; "
-                "a batch needs at least two classes"
+                f"data.batch_size={batch_size} with samples_per_class={samples_per_class} "
+                "gives one class per batch; a batch needs at least two classes"
             )
         classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
         order = np.argsort(inverse, kind="stable")
@@ -84,3 +85,32 @@ class PKSampler(Sampler[list[int]]):
                 batch.extend(pool[cursors[c] : cursors[c] + k].tolist())
                 cursors[c] += k
             yield batch
+
+
+class RankShare(Sampler[list]):
+    """One process's share of each global P x K batch of `sampler`, under torchrun: rank r of N takes the
+    r-th run of P / N whole classes (the batch lists its classes' K images together), so every rank's share
+    is class-complete and the shares, in rank order, are the global batch. `batches` is the stream to share
+    out when it is not the sampler's own: its batches paired with per-image augmentation seeds
+    (`bench.data.seeding`), so each image is augmented as in a single process."""
+
+    def __init__(
+        self, sampler: PKSampler, rank: int, world_size: int, batches: Iterable[list] | None = None
+    ) -> None:
+        if sampler.classes_per_batch % world_size:
+            raise ValueError(
+                f"data.batch_size / data.samples_per_class = {sampler.classes_per_batch} classes per batch "
+                f"cannot be split by whole classes over {world_size} processes; make it a multiple of "
+                f"{world_size}"
+            )
+        self.sampler, self.rank = sampler, rank
+        self.batches = sampler if batches is None else batches
+        self.share = sampler.batch_size // world_size
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list]:
+        start = self.rank * self.share
+        for batch in self.batches:
+            yield batch[start : start + self.share]

@@ -23,6 +23,8 @@ from bench.config import Experiment
 if TYPE_CHECKING:
     from bench.data import DatasetBundle
     from bench.data.samplers import PKSampler
+    from bench.train.distributed import Distributed
+    from bench.train.memory import CrossBatchMemory
 
 
 class NonFiniteLossError(RuntimeError):
@@ -114,6 +116,19 @@ class Trainer:
     metrics: dict[str, float] = field(default_factory=dict)  # the current epoch's metrics
     stats: EpochStats = field(default_factory=EpochStats)
     test_metrics: dict[str, float] = field(default_factory=dict)
+    network: torch.nn.Module | None = None  # what steps embed with: the DDP wrapper under torchrun
+    dist: Distributed | None = None  # this process's place in a torchrun launch; None: one process
+    memory: CrossBatchMemory | None = None  # the cross-batch memory (`loss.memory_size`)
+
+    @property
+    def forward_model(self) -> torch.nn.Module:
+        """The module a step calls: `network` when set (its forward syncs ranks), else the model."""
+        return self.model if self.network is None else self.network
+
+    @property
+    def global_step(self) -> int:
+        """The current step counted over the whole run, from 0."""
+        return self.epoch * len(self.loader) + self.batch
 
     @property
     def epochs(self) -> int:
@@ -138,7 +153,8 @@ class Trainer:
     def _run_epoch(self) -> dict[str, float]:
         self.model.train()
         self.stats = EpochStats()
-        for self.batch, (images, labels) in enumerate(self.loader):
+        for batch, (images, labels) in enumerate(self.loader):
+            self.batch = batch
             result = self.step(self, images, labels)
             self.stats.add(result)
             for hook in self.hooks:
@@ -157,6 +173,7 @@ class Trainer:
             "config": self.exp.to_dict(),
             "history": self.history,
             "run_id": self.run_id,
+            **({"memory": self.memory.state_dict()} if self.memory is not None else {}),
         }
 
     def restore(self, state: dict) -> None:
@@ -170,6 +187,8 @@ class Trainer:
             list(state["history"]),
             state.get("run_id"),
         )
+        if self.memory is not None and "memory" in state:
+            self.memory.load_state_dict(state["memory"], self.device)
 
 
 def seed_everything(seed: int) -> None:

@@ -1,0 +1,110 @@
+"""Gradient caching (`train.chunk_size`, `CachedStep`): with frozen BatchNorm a chunked step's parameter
+gradients are the unchunked step's; a chunk's random state is replayed, so a model that draws random numbers
+(dropout) gets the gradient of the embeddings it was scored on; a seeded run equals the unchunked run."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import losses
+from bench.train import build_trainer, train_and_evaluate
+from bench.train.steps import CachedStep, PlainStep
+from tests.helpers import tiny_bundle, tiny_experiment
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return tiny_bundle()
+
+
+def first_batch(trainer):
+    trainer.sampler.set_epoch(0)
+    return next(iter(trainer.loader))
+
+
+def step_gradients(tmp_path, bundle, loss_name: str, step, double: bool = True) -> dict[str, torch.Tensor]:
+    """The parameter gradients one step leaves behind, from the seeded initial weights, on the first batch."""
+    exp = tiny_experiment(tmp_path, extra=["model.freeze_bn=true"])
+    trainer, _ = build_trainer(exp, losses.get_loss(loss_name), bundle, CPU)
+    trainer.step = step
+    images, labels = first_batch(trainer)
+    if double:
+        trainer.model.double()
+        images = images.double()
+    trainer.model.train()
+    torch.manual_seed(5)  # the same random state (Blackbox AP's margin) for every step compared
+    step(trainer, images, labels)
+    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("loss_name", losses.available_losses())
+def test_chunked_gradients_equal_the_plain_step_with_frozen_batchnorm(tmp_path, bundle, loss_name):
+    """Float64 weights, chunks of B/4 and of 1 image: every parameter gradient within 1e-6."""
+    batch = tiny_experiment(tmp_path).data.batch_size
+    plain = step_gradients(tmp_path, bundle, loss_name, PlainStep())
+    assert len(plain) > 2 and all(g.abs().sum() > 0 for g in plain.values())
+    for chunk in (batch // 4, 1):
+        chunked = step_gradients(tmp_path, bundle, loss_name, CachedStep(chunk))
+        assert chunked.keys() == plain.keys()
+        for name, grad in plain.items():
+            torch.testing.assert_close(
+                chunked[name], grad, rtol=0, atol=1e-6, msg=f"{name}, chunks of {chunk}"
+            )
+
+
+def test_a_chunk_is_replayed_with_its_random_state(tmp_path, bundle):
+    """With dropout in the head, the replayed chunks must draw the masks the first pass drew: the gradient is
+    then autograd's through the chunk-by-chunk forward, and the random stream goes on after the step as it
+    does after that forward and the loss (Blackbox AP draws its margins from it too)."""
+    exp = tiny_experiment(tmp_path, extra=["model.freeze_bn=true"])
+    grads, after = [], []
+    for chunked in (True, False):
+        trainer, _ = build_trainer(exp, losses.get_loss("blackbox_ap"), bundle, CPU)
+        trainer.model.head = torch.nn.Sequential(torch.nn.Dropout(0.5), trainer.model.head)
+        trainer.model.train()
+        images, labels = first_batch(trainer)
+        torch.manual_seed(9)
+        if chunked:
+            CachedStep(4)(trainer, images, labels)
+        else:  # the reference: the same chunks embedded one after the other, with a graph
+            embeddings = torch.cat([trainer.model(chunk) for chunk in images.split(4)])
+            trainer.loss_fn(embeddings, labels).backward()
+        after.append(torch.rand(3))
+        grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+    assert torch.equal(after[0], after[1])
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grads[0][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_batchnorm_in_training_mode_warns_at_start_up(tmp_path, bundle):
+    with pytest.warns(UserWarning, match=r"train.chunk_size=4 with BatchNorm in training mode"):
+        build_trainer(
+            tiny_experiment(tmp_path, extra=["train.chunk_size=4"]), losses.get_loss("triplet"), bundle, CPU
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exp = tiny_experiment(tmp_path, extra=["train.chunk_size=4", "model.freeze_bn=true"])
+        trainer, _ = build_trainer(exp, losses.get_loss("triplet"), bundle, CPU)
+    assert isinstance(trainer.step, CachedStep) and trainer.step.chunk_size == 4
+
+
+def test_a_seeded_run_with_chunks_ends_with_the_metrics_of_one_without(tmp_path, bundle):
+    runs = {}
+    for chunk in ("null", "4"):
+        exp = tiny_experiment(
+            tmp_path / chunk, epochs=3, extra=["model.freeze_bn=true", f"train.chunk_size={chunk}"]
+        )
+        runs[chunk] = train_and_evaluate(exp, bundle=bundle, progress=False, device="cpu")
+    plain, chunked = runs["null"], runs["4"]
+    assert plain.test_metrics.keys() == chunked.test_metrics.keys() and plain.test_metrics
+    for key, value in plain.test_metrics.items():
+        assert chunked.test_metrics[key] == pytest.approx(value, abs=1e-6), key
+    plain_weights = torch.load(plain.checkpoint, weights_only=True)["model"]
+    chunked_weights = torch.load(chunked.checkpoint, weights_only=True)["model"]
+    for name, tensor in plain_weights.items():
+        torch.testing.assert_close(chunked_weights[name], tensor, rtol=0, atol=1e-5, msg=name)
