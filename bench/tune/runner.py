@@ -141,9 +141,9 @@ class LossTuner:
         }
         self.tracker.log_metrics(self.parent_run_id, metrics)
         best = {f"best.{k}": v for k, v in summary.best_overrides.items()}
-        self.tracker.set_tags(
-            self.parent_run_id, {"best_trial": summary.best_trial, "budget": self.budget, **best}
-        )
+        edges = {f"edge.{hit.param}": hit.side for hit in self.edge_hits()}
+        tags = {"best_trial": summary.best_trial, "budget": self.budget, "edges": len(edges), **best, **edges}
+        self.tracker.set_tags(self.parent_run_id, tags)
         self.tracker.end_run(self.parent_run_id, "FINISHED")
         return summary
 
