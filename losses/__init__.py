@@ -4,20 +4,49 @@ A loss is a `torch.nn.Module` called as `loss(embeddings[B, D], labels[B]) -> sc
 are already L2-normalised by the model's head. Its defaults live in the constructor's signature (every
 argument has one), so a module declares only its Optuna search space over those arguments and the miner it
 uses (if any), and ends with `register(name, cls, search_space, miner=...)`. See losses/README.md.
+
+Every registered loss also takes the queries x gallery form, `loss(embeddings, labels, ref_embeddings,
+ref_labels, query_offset)`: rows are queries, columns a retrieval set that holds the queries at `query_offset`
+(a cross-batch memory, or the global batch under torchrun); see `losses._refs`. A loss whose value is a mean
+of per-query terms sets `splits_by_query = True`, so ranks may each take their own queries.
+
+Losses from outside this package join the same registry: a Python file anywhere, imported with
+`load_loss_module(path)` (the CLI's `--loss-module`), or an installed package's entry point in the group
+`smoothap_bench.losses` (a module that registers on import, or a callable that registers when called),
+loaded with the package's own modules. Each outside loss is checked once, on a tiny random batch, before any
+data is read; a broken one fails with a `LossModuleError` naming its source and the problem.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.metadata
+import importlib.util
 import inspect
 import pkgutil
+import re
+import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["LossSpec", "available_losses", "get_loss", "get_spec", "register"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "LossModuleError",
+    "LossSpec",
+    "available_losses",
+    "get_loss",
+    "get_spec",
+    "load_loss_module",
+    "register",
+]
+
+ENTRY_POINT_GROUP = "smoothap_bench.losses"
 
 
 @dataclass(frozen=True)
@@ -84,7 +113,10 @@ def get_spec(name: str) -> LossSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown loss {name!r}; available: {', '.join(available_losses())}") from None
+        raise ValueError(
+            f"unknown loss {name!r}; available: {', '.join(available_losses())} (a loss from outside this "
+            f"package needs --loss-module FILE, or an installed {ENTRY_POINT_GROUP!r} entry point)"
+        ) from None
 
 
 def get_loss(name: str, **params: Any) -> torch.nn.Module:
@@ -101,7 +133,7 @@ def get_loss(name: str, **params: Any) -> torch.nn.Module:
 
 
 def available_losses() -> list[str]:
-    """Registry names of every loss module in this package."""
+    """Registry names of every loss: this package's modules, entry points and loaded loss files."""
     _discover()
     return sorted(_REGISTRY)
 
@@ -110,11 +142,123 @@ _discovered = False
 
 
 def _discover() -> None:
-    """Import every public module of the package once; each registers itself on import."""
+    """Import every public module of the package once (each registers itself on import), then load the
+    installed packages' entry points."""
     global _discovered
     if _discovered:
         return
-    for module in pkgutil.iter_modules(__path__):
-        if not module.name.startswith("_") and module.name != "introspect":
-            importlib.import_module(f"{__name__}.{module.name}")
-    _discovered = True
+    _discovered = True  # before loading: an entry point that asks for the registry must not re-enter
+    try:
+        for module in pkgutil.iter_modules(__path__):
+            if not module.name.startswith("_") and module.name != "introspect":
+                importlib.import_module(f"{__name__}.{module.name}")
+        for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            _load_entry_point(entry_point)
+    except BaseException:
+        _discovered = False
+        raise
+
+
+class LossModuleError(ValueError):
+    """A loss from outside the package cannot be used: the message names the file or entry point and why."""
+
+
+_LOADED_FILES: dict[Path, list[str]] = {}  # resolved path -> names it registered: a file loads once
+
+
+def load_loss_module(path: str | Path) -> list[str]:
+    """Import the loss file `path` (anywhere on disk) under a unique module name and return the names it
+    registered, each checked against the call contract. Loading the same file again returns the same names."""
+    _discover()  # the package's and entry points' names first, so that a clash is caught
+    file = Path(path).expanduser().resolve()
+    if file in _LOADED_FILES:
+        return _LOADED_FILES[file]
+    if not file.is_file():
+        raise LossModuleError(f"loss module {path}: no such file")
+    try:
+        compile(file.read_bytes(), str(file), "exec")
+    except SyntaxError as error:
+        raise LossModuleError(f"{file}: syntax error at line {error.lineno}: {error.msg}") from None
+    stem = re.sub(r"\W", "_", file.stem)
+    module_name = f"_smoothap_loss_{stem}_{hashlib.sha1(str(file).encode()).hexdigest()[:10]}"
+    spec = importlib.util.spec_from_file_location(module_name, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # as `import` does: dataclasses and pickling look the module up here
+    try:
+        names = _registered_by(str(file), lambda: spec.loader.exec_module(module), file)
+    except LossModuleError:
+        del sys.modules[module_name]
+        raise
+    _LOADED_FILES[file] = names
+    return names
+
+
+def _load_entry_point(entry_point: importlib.metadata.EntryPoint) -> list[str]:
+    """An entry point names a module (importing it registers) or a callable (calling it registers)."""
+    dist = getattr(entry_point.dist, "name", None)
+    source = f"entry point {entry_point.name} = {entry_point.value}" + (f" (package {dist})" if dist else "")
+
+    def load() -> None:
+        loaded = entry_point.load()
+        if not inspect.ismodule(loaded):
+            if not callable(loaded):
+                raise TypeError(f"{loaded!r} is neither a module nor a callable")
+            loaded()
+
+    return _registered_by(source, load)
+
+
+def _registered_by(source: str, load: Callable[[], Any], file: Path | None = None) -> list[str]:
+    """Run `load` and return the names it registered, after checking each one; on any failure the registry
+    is restored and a LossModuleError names `source` (and the line in `file` that failed)."""
+    before = dict(_REGISTRY)
+    try:
+        try:
+            load()
+        except Exception as error:
+            lines = [f.lineno for f in traceback.extract_tb(error.__traceback__) if f.filename == str(file)]
+            where = f" (line {lines[-1]})" if lines else ""
+            raise LossModuleError(f"{source}{where}: {type(error).__name__}: {error}") from error
+        names = [name for name in _REGISTRY if name not in before]
+        if not names:
+            raise LossModuleError(
+                f"{source}: registers no loss; end it with losses.register(name, LossClass, search_space)"
+            )
+        for name in names:
+            check_call_contract(_REGISTRY[name], source)
+    except LossModuleError:
+        _REGISTRY.clear()
+        _REGISTRY.update(before)
+        raise
+    return names
+
+
+def check_call_contract(spec: LossSpec, source: str) -> None:
+    """Build the loss from its defaults and call it on 16 random unit embeddings of 4 classes: it must be an
+    nn.Module whose forward takes (embeddings, labels) and returns a finite scalar that depends on them."""
+    problem = f"{source}: loss {spec.name!r}"
+    if not (isinstance(spec.cls, type) and issubclass(spec.cls, torch.nn.Module)):
+        shown = getattr(spec.cls, "__qualname__", repr(spec.cls))
+        raise LossModuleError(f"{problem}: {shown} is not a torch.nn.Module subclass")
+    generator = torch.Generator().manual_seed(0)
+    embeddings = torch.nn.functional.normalize(torch.randn(16, 8, generator=generator), dim=1)
+    embeddings.requires_grad_(True)
+    labels = torch.arange(4).repeat_interleave(4)
+    try:
+        inspect.signature(spec.cls.forward).bind(None, embeddings, labels)
+    except TypeError as error:
+        raise LossModuleError(f"{problem}: forward must take (embeddings, labels): {error}") from None
+    with torch.random.fork_rng(devices=[]):
+        try:
+            value = spec.cls()(embeddings, labels)
+        except Exception as error:
+            raise LossModuleError(
+                f"{problem}: calling it on a batch of 16 embeddings raised {type(error).__name__}: {error}"
+            ) from error
+    if not (isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point()):
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise LossModuleError(f"{problem}: forward must return a scalar float tensor, got {shape}")
+    if not torch.isfinite(value):
+        raise LossModuleError(f"{problem}: returned {value.item()} on a batch of 16 random unit embeddings")
+    if not value.requires_grad:
+        raise LossModuleError(f"{problem}: its value does not depend on the embeddings (no gradient)")
