@@ -4,23 +4,41 @@ A run's final status is set in one place, `Tracker.run`: FINISHED when its block
 interrupted or pruned by Optuna, FAILED otherwise. Searches go through `find_runs`, which writes MLflow's
 filter syntax so callers never do. Credentials never reach MLflow: URLs are redacted before they are logged
 or printed, and a team's server's password comes from the environment (MLFLOW_TRACKING_PASSWORD).
+
+Outages of a tracking server: MLflow's own HTTP retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES, set here to about
+15 s unless the environment says otherwise) ride out a blip. A longer outage does not stop training: what a
+run writes meanwhile is kept in a local spool (JSON lines under results/spool/, `Spool`) and sent, in order,
+as soon as the server answers again; a run that ends before that says where its records are, and `sync`
+sends them later. Reads and new runs wait for the server (`SERVER_WAIT_S`) instead. MLflow's asynchronous
+logging is not used for this: a batch that fails there is logged and dropped, and it covers neither
+artifacts nor a run's status.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault(
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"
 )  # one bar per checkpoint read clutters logs
+# MLflow's own retries for an unanswered request: 4 with backoff 0, 2, 4, 8 s (its default, 7 retries, stalls
+# a run for about 4 minutes before the spool could take over)
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "4")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 from mlflow.entities import Metric, Param, Run, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
@@ -28,11 +46,43 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from bench import layout  # noqa: E402
 
+SPOOL_DIR = Path(layout.RESULTS) / "spool"
+PROBE_S = 10.0  # while a run's records are spooled, how often a write checks whether the server is back
+SERVER_WAIT_S = 300.0  # how long a read or a new run waits for an unreachable server
+T = TypeVar("T")
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^/@:]*)(:(?P<password>[^/@]*))?@")
 
 
 class MissingExperiment(LookupError):
     """The store has no experiment of that name (only raised when the tracker may not create one)."""
+
+
+class ServerUnreachable(ConnectionError):
+    """The tracking server did not answer a request that cannot wait in the spool (a read, a new run)."""
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether an MLflow error means the server did not answer (connection refused or cut, timeout, 5xx
+    through all of MLflow's retries), as opposed to an answer that refused the request."""
+    import requests
+
+    no_answer = (
+        requests.exceptions.ConnectionError,
+        requests.exceptions.Timeout,
+        requests.exceptions.RetryError,
+    )
+    seen: BaseException | None = error
+    for _ in range(10):  # MLflow wraps the requests error (as cause or context)
+        if seen is None:
+            return False
+        if isinstance(seen, no_answer):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
 
 
 def redact(text: str) -> str:
@@ -54,7 +104,8 @@ def end_status(error: BaseException | None) -> str:
 class Tracker:
     """One MLflow experiment; methods take the run id so nested and parallel runs stay explicit.
 
-    `create=False` opens an existing experiment only (reports read, they must not create stores).
+    `create=False` opens an existing experiment only (reports read, they must not create stores). Writes to a
+    run go through `_write`, which keeps them in the spool under `spool_dir` while the server is unreachable.
     """
 
     def __init__(
@@ -64,8 +115,12 @@ class Tracker:
         artifact_location: str = layout.MLFLOW_ARTIFACTS,
         *,
         create: bool = True,
+        spool_dir: str | Path = SPOOL_DIR,
     ) -> None:
         self.uri = layout.tracking_uri(uri)
+        self.spool = Spool(Path(spool_dir), self.uri)
+        self.wait_s = SERVER_WAIT_S
+        self._last_probe = float("-inf")
         if create:
             layout.make_sqlite_folder(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
@@ -77,12 +132,9 @@ class Tracker:
                 f"it has: {', '.join(names) if names else 'no experiments'}"
             )
         if found is None:
-            location = (
-                artifact_location
-                if "://" in artifact_location
-                else Path(artifact_location).resolve().as_uri()
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=_artifact_location(self.uri, artifact_location)
             )
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             self.experiment_id = found.experiment_id
         self.experiment = experiment
@@ -123,36 +175,100 @@ class Tracker:
         commit = git_commit()
         if commit:
             tags.setdefault("mlflow.source.git.commit", commit)
-        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        created = self._patiently(
+            "start a run", lambda: self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        )
+        return created.info.run_id
 
     def resume_run(self, run_id: str) -> str:
         """Reopen a run (after --resume) so its metrics continue in the same place."""
-        self.client.update_run(run_id, status="RUNNING")
+        self._write({"op": "status", "run_id": run_id, "status": "RUNNING"})
         return run_id
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+        self._write({"op": "status", "run_id": run_id, "status": status, "time": _now_ms()})
+        if self.spool.holds(run_id):
+            print(
+                f"[tracking] run {run_id} ended {status} while the MLflow server {redact(self.uri)} was "
+                f"unreachable; its records are kept in {self.spool.path(run_id)}: "
+                f"`smoothap-bench sync --spool {self.spool.folder}` sends them",
+                file=sys.stderr,
+            )
 
     # ------------------------------------------------------------------ logging
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         """Params not yet on the run (MLflow refuses to change one), in batches of 100."""
-        existing = self.client.get_run(run_id).data.params
-        fresh = [Param(k, _param_text(v)) for k, v in params.items() if k not in existing]
-        for start in range(0, len(fresh), 100):
-            self.client.log_batch(run_id, params=fresh[start : start + 100])
+        texts = {k: _param_text(v) for k, v in params.items()}
+        self._write({"op": "params", "run_id": run_id, "params": texts})
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        if batch:
-            self.client.log_batch(run_id, metrics=batch)
+        if metrics:
+            values = {k: float(v) for k, v in metrics.items()}
+            self._write(
+                {"op": "metrics", "run_id": run_id, "metrics": values, "step": step, "time": _now_ms()}
+            )
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
+        self._write({"op": "tags", "run_id": run_id, "tags": {k: redact(str(v)) for k, v in tags.items()}})
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(run_id, str(path), artifact_path)
+        self._write({"op": "artifact", "run_id": run_id, "path": str(path), "artifact_path": artifact_path})
+
+    def _write(self, record: dict[str, Any]) -> None:
+        """Send one write to the server, or keep it in the spool: while the run already has spooled records
+        (until the server is back and they are sent first, so the order holds) or when the server does not
+        answer. A run's end checks the server at once; other writes at most every PROBE_S seconds."""
+        run_id = record["run_id"]
+        if self.spool.holds(run_id) and not self._send_spooled(run_id, force=record["op"] == "status"):
+            self.spool.append(record)
+            return
+        try:
+            apply_record(self.client, record)
+        except Exception as error:  # MLflow wraps most transport errors, not all
+            if not unreachable(error):
+                raise
+            self.spool.append(record)
+            print(
+                f"[tracking] MLflow server {redact(self.uri)} unreachable; training goes on, and what run "
+                f"{run_id} logs is kept in {self.spool.path(run_id)} until the server answers",
+                file=sys.stderr,
+            )
+
+    def _send_spooled(self, run_id: str, force: bool = False) -> bool:
+        """Whether the server took every spooled record of `run_id` (now, or it is not time to check)."""
+        now = time.monotonic()
+        if not force and now - self._last_probe < PROBE_S:
+            return False
+        self._last_probe = now
+        if not server_answers(self.uri):
+            return False
+        try:
+            sent = replay(self.client, self.spool.path(run_id))
+        except Exception as error:
+            if not unreachable(error):
+                raise
+            return False
+        print(f"[tracking] MLflow server is back: sent the {sent} records run {run_id} kept", file=sys.stderr)
+        return True
+
+    def _patiently(self, what: str, call: Callable[[], T]) -> T:
+        """`call` (a read or a new run), retried with backoff while the server does not answer, for up to
+        `wait_s` seconds; then ServerUnreachable."""
+        deadline, delay = time.monotonic() + self.wait_s, 1.0
+        while True:
+            try:
+                return call()
+            except Exception as error:
+                if not unreachable(error):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise ServerUnreachable(
+                        f"MLflow server {redact(self.uri)} did not answer for {self.wait_s:.0f} s "
+                        f"(to {what}): start it again, or give another --tracking-uri"
+                    ) from error
+                time.sleep(delay)
+                delay = min(2 * delay, 30.0)
 
     # ------------------------------------------------------------------ reading
 
@@ -161,13 +277,13 @@ class Tracker:
         if not run_id:
             return False
         try:
-            self.client.get_run(run_id)
+            self.get_run(run_id)
             return True
         except MlflowException:
             return False
 
     def get_run(self, run_id: str) -> Run:
-        return self.client.get_run(run_id)
+        return self._patiently("read a run", lambda: self.client.get_run(run_id))
 
     def find_runs(
         self,
@@ -184,8 +300,11 @@ class Tracker:
         found: list[Run] = []
         token = None
         while max_results is None or len(found) < max_results:
-            page = self.client.search_runs(
-                [self.experiment_id], " and ".join(conditions), max_results=1000, page_token=token
+            page = self._patiently(
+                "search runs",
+                lambda token=token: self.client.search_runs(
+                    [self.experiment_id], " and ".join(conditions), max_results=1000, page_token=token
+                ),
             )
             found.extend(page)
             token = page.token
@@ -204,15 +323,169 @@ class Tracker:
         return runs[0] if runs else None
 
     def metric_history(self, run_id: str, key: str) -> list[Metric]:
-        return self.client.get_metric_history(run_id, key)
+        return self._patiently("read metrics", lambda: self.client.get_metric_history(run_id, key))
 
     def download_artifact(self, run_id: str, path: str, dst: Path) -> Path | None:
         """The run's artifact `path` copied under `dst`, or None when the run logged none there."""
         folder = str(Path(path).parent) if Path(path).parent != Path(".") else None
-        if path not in {a.path for a in self.client.list_artifacts(run_id, folder)}:
+        listed = self._patiently("list artifacts", lambda: self.client.list_artifacts(run_id, folder))
+        if path not in {a.path for a in listed}:
             return None
         dst.mkdir(parents=True, exist_ok=True)
-        return Path(self.client.download_artifacts(run_id, path, str(dst)))
+        return Path(
+            self._patiently("download", lambda: self.client.download_artifacts(run_id, path, str(dst)))
+        )
+
+
+def _artifact_location(uri: str, location: str) -> str | None:
+    """Where a new experiment keeps its artifacts: a URL as given, a folder as a file URL; None (the
+    server's own artifact store) when the store is a server and the location is our local default, which
+    only this machine could read."""
+    if is_server(uri) and location == layout.MLFLOW_ARTIFACTS:
+        return None
+    return location if "://" in location else Path(location).resolve().as_uri()
+
+
+def server_answers(uri: str) -> bool:
+    """Whether a tracking server answers its health check now (one quick try, no retries); stores that
+    are not servers always do."""
+    if not is_server(uri):
+        return True
+    import requests
+
+    try:
+        return requests.get(f"{uri.rstrip('/')}/health", timeout=5).status_code == 200
+    except requests.exceptions.RequestException:
+        return False
+
+
+def apply_record(client: MlflowClient, record: dict[str, Any]) -> None:
+    """Carry out one write record (what `Tracker` sends at once, or what the spool kept) on `client`."""
+    op, run_id = record["op"], record["run_id"]
+    if op == "params":
+        existing = client.get_run(run_id).data.params
+        fresh = [Param(k, v) for k, v in record["params"].items() if k not in existing]
+        for start in range(0, len(fresh), 100):
+            client.log_batch(run_id, params=fresh[start : start + 100])
+    elif op == "metrics":
+        metrics = [Metric(k, v, record["time"], record["step"]) for k, v in record["metrics"].items()]
+        client.log_batch(run_id, metrics=metrics)
+    elif op == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
+    elif op == "artifact":
+        client.log_artifact(run_id, record["path"], record["artifact_path"])
+    elif op == "status" and record["status"] == "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    elif op == "status":
+        client.set_terminated(run_id, status=record["status"], end_time=record["time"])
+    else:
+        raise ValueError(f"unknown tracking record {op!r} for run {run_id}")
+
+
+class Spool:
+    """Writes a server did not take, one JSON line each, in order, in one file per run and process:
+    `<folder>/<run id>.<pid>.jsonl`, whose first line names the server (its URL redacted). An artifact is
+    copied into `<folder>/files/`, since its file may be gone by the time the server is back."""
+
+    def __init__(self, folder: Path, uri: str) -> None:
+        self.folder, self.uri = folder, uri
+
+    def path(self, run_id: str) -> Path:
+        return self.folder / f"{run_id}.{os.getpid()}.jsonl"
+
+    def holds(self, run_id: str) -> bool:
+        return self.path(run_id).exists()
+
+    def append(self, record: dict[str, Any]) -> None:
+        path = self.path(record["run_id"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if record["op"] == "artifact":
+            kept = self.folder / "files" / uuid.uuid4().hex / Path(record["path"]).name
+            kept.parent.mkdir(parents=True)
+            shutil.copy2(record["path"], kept)
+            record = {**record, "path": str(kept.resolve())}
+        lines = [] if path.exists() else [json.dumps({"server": redact(self.uri)})]
+        with path.open("a") as spool:
+            spool.write("".join(line + "\n" for line in [*lines, json.dumps(record)]))
+            spool.flush()
+            os.fsync(spool.fileno())
+
+
+def replay(client: MlflowClient, path: Path) -> int:
+    """Send the records of a spool file in order and remove it; how many were sent. When the server stops
+    answering on the way, the unsent rest is written back and the error raised."""
+    header, *records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for done, record in enumerate(records):
+        try:
+            apply_record(client, record)
+        except Exception:
+            rest = path.with_suffix(".rest")
+            rest.write_text("".join(json.dumps(r) + "\n" for r in [header, *records[done:]]))
+            rest.replace(path)
+            raise
+        if record["op"] == "artifact":
+            shutil.rmtree(Path(record["path"]).parent, ignore_errors=True)
+    path.unlink()
+    return len(records)
+
+
+@dataclass
+class SyncResult:
+    runs: int = 0
+    records: int = 0
+    left: list[Path] = field(default_factory=list)  # files whose server still does not answer
+    busy: list[Path] = field(default_factory=list)  # files a live process is still writing
+
+
+def sync(spool_dir: str | Path = SPOOL_DIR, uri: str | None = None) -> SyncResult:
+    """Send every spooled record under `spool_dir` to its server: `uri`, else the one each file names (a
+    URL whose password was redacted must be given again). A file a live process still writes is left to
+    it; a server that still does not answer keeps its files for the next sync."""
+    result = SyncResult()
+    clients: dict[str, MlflowClient] = {}
+    down: set[str] = set()
+    for path in sorted(Path(spool_dir).glob("*.jsonl"), key=lambda p: p.stat().st_mtime):
+        if _writer_alive(path):
+            result.busy.append(path)
+            continue
+        with path.open() as spool:
+            target = uri or json.loads(spool.readline())["server"]
+        if ":***@" in target:
+            raise ValueError(f"{path} was kept for {target}: give that server's URL with --tracking-uri")
+        if target in down:
+            result.left.append(path)
+            continue
+        client = clients.setdefault(target, MlflowClient(tracking_uri=target))
+        try:
+            result.records += replay(client, path)
+            result.runs += 1
+        except Exception as error:
+            if not unreachable(error):
+                raise ValueError(f"{redact(target)} refused a record of {path}: {error}") from error
+            down.add(target)
+            result.left.append(path)
+    return result
+
+
+def _writer_alive(path: Path) -> bool:
+    """Whether the process that writes a spool file (its name's pid) is alive and is not this one."""
+    try:
+        pid = int(path.name.split(".")[-2])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _quoted(value: Any) -> str:

@@ -20,6 +20,7 @@ from bench import layout
 from bench.config import Experiment
 from bench.data import DatasetBundle, EvalSplit
 from bench.data.splits import class_folds
+from bench.device import resolve_device
 from bench.train import NonFiniteLossError, loggable_params, train_and_evaluate
 from bench.tune.space import suggest_overrides, with_overrides
 from bench.tune.study import OBJECTIVE, LossStudy
@@ -48,7 +49,9 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         study = self.study
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        worker = worker_record(self.device)
+        for key, value in worker.items():
+            trial.set_user_attr(key, value)
         if study.claimed_before(trial) >= study.budget:
             trial.set_user_attr("surplus", True)
             raise SurplusTrial(f"study {study.name}: budget of {study.budget} trials already claimed")
@@ -58,7 +61,7 @@ class Objective:
         texp = with_overrides(
             study.exp, {**overrides, "train.checkpoint_dir": str(workdir), "tracking.log_checkpoint": False}
         )
-        tags = {"stage": "trial", "study": study.name, "trial": str(trial.number)}
+        tags = {"stage": "trial", "study": study.name, "trial": str(trial.number), **worker}
         try:
             if texp.tune.cv_folds > 1:
                 return self._cross_validate(trial, texp, tags)
@@ -95,7 +98,8 @@ class Objective:
         return float(result.val_history[-1][OBJECTIVE])
 
     def _cross_validate(self, trial: optuna.Trial, texp: Experiment, tags: dict[str, str]) -> float:
-        """Mean validation MAP@R over class-disjoint folds of the training classes; reported after each fold."""
+        """Mean validation MAP@R over class-disjoint folds of the training classes; reported after each
+        fold."""
         folds = class_folds(self.bundle.train.labels, texp.tune.cv_folds)
         scores: list[float] = []
         with self._trial_run(trial, texp, tags) as run_id:
@@ -142,8 +146,18 @@ class Objective:
         trial.set_user_attr("mlflow_run_id", run_id)
 
 
+def worker_record(device: str) -> dict[str, str]:
+    """Which worker runs a trial: `worker` = host:pid, and `worker_gpu` = the GPUs it may use (its
+    CUDA_VISIBLE_DEVICES pin, `all` unpinned) or `none` on the CPU."""
+    gpu = "none"
+    if resolve_device(device).type == "cuda":
+        gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
+    return {"worker": f"{socket.gethostname()}:{os.getpid()}", "worker_gpu": gpu}
+
+
 def report_value(trial: optuna.Trial, value: float, step: int, last: bool) -> None:
-    """Report an intermediate value; prune unless it is the last step (a finished trial is not 'stopped early')."""
+    """Report an intermediate value; prune unless it is the last step (a finished trial is not 'stopped
+    early')."""
     trial.set_user_attr("last_value", value)
     trial.report(value, step)
     if not last and trial.should_prune():
@@ -153,7 +167,8 @@ def report_value(trial: optuna.Trial, value: float, step: int, last: bool) -> No
 def fold_bundle(
     bundle: DatasetBundle, train_idx: np.ndarray, val_idx: np.ndarray, exp: Experiment
 ) -> DatasetBundle:
-    """Train on some training classes, validate on the held-out fold (no augmentation); never the test classes."""
+    """Train on some training classes, validate on the held-out fold (no augmentation); never the test
+    classes."""
     from bench.data.images import ImageList
     from bench.data.omniglot import TensorImages
     from bench.data.transforms import make_transforms

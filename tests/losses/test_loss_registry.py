@@ -21,8 +21,8 @@ PREVIOUS_DEFAULTS = {
     "contrastive": {"pos_margin": 0.0, "neg_margin": 1.0},
     "multi_similarity": {"alpha": 2.0, "beta": 50.0, "base": 0.5, "epsilon": 0.1},
     "fastap": {"num_bins": 10},
-    # the authors' algorithm since issue 17: same numbers, their meaning (lambda on normalised ranks, the margin
-    # the scale of a random shift), their optional terms off
+    # the authors' algorithm since issue 17: same numbers, their meaning (lambda on normalised ranks, the
+    # margin the scale of a random shift), their optional terms off
     "blackbox_ap": {
         "lambda_val": 4.0,
         "margin": 0.02,

@@ -1,0 +1,258 @@
+"""`--workers N`: N tuning processes on this machine, sharing the same studies.
+
+One worker per GPU, pinned with CUDA_VISIBLE_DEVICES (round-robin when there are more workers than GPUs), or
+N CPU workers with the machine's cores split between them. The studies and their MLflow parent runs are
+created here, before any worker starts, so workers only load them (Optuna issue #1092: processes racing to
+create the tables or a study fail). Every worker runs `tune_losses` on the same storage, so budgets stay
+exactly equal: a worker claims a trial only while fewer than `budget` live trials precede it. The same command
+on other machines with the same PostgreSQL `--storage` joins the same studies.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bench import layout
+from bench.config import ConfigError, Experiment
+from bench.device import resolve_device
+from bench.tune.runner import LossTuner, tune_losses
+from bench.tune.space import for_loss
+from bench.tune.study import GRACE_PERIOD, HEARTBEAT_INTERVAL, StorageLost, open_storage
+
+if TYPE_CHECKING:  # MLflow is imported by the caller that builds the tracker
+    from bench.data import DatasetBundle
+    from bench.tracking import Tracker
+
+Log = Callable[[str], None]
+EXIT_STORAGE_LOST = 3  # a worker's exit status when the Optuna database stayed away
+
+
+@dataclass(frozen=True)
+class WorkerSlot:
+    """Where one worker runs: its CUDA_VISIBLE_DEVICES pin (None on the CPU) and its torch threads."""
+
+    index: int
+    gpu: str | None
+    threads: int
+
+    def describe(self) -> str:
+        where = f"GPU {self.gpu}" if self.gpu is not None else "CPU"
+        return f"{where}, {self.threads} thread{'s' if self.threads > 1 else ''}"
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    """What a worker needs to log to the parent's MLflow experiment (a Tracker itself does not pickle)."""
+
+    uri: str
+    experiment: str
+    spool_dir: Path
+
+
+@dataclass
+class WorkerJob:
+    """What every worker runs: `tune_losses` with these arguments (pickled into each process)."""
+
+    exp: Experiment
+    loss_names: list[str]
+    loss_modules: list[str]  # --loss-module files: a spawned process starts with the package's losses only
+    storage: str
+    tracking: TrackingTarget | None
+    study_name: str | None
+    timeout: float | None
+    device: str
+    bundle: DatasetBundle | None  # None: each worker reads the dataset itself
+    heartbeat_interval: int
+    grace_period: int
+    poll_s: float
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    slot: WorkerSlot
+    pid: int
+    code: int  # the exit status; minus the signal's number when a signal ended it
+
+    def describe(self) -> str:
+        how = f"was killed by signal {-self.code}" if self.code < 0 else f"exited with status {self.code}"
+        return f"worker {self.slot.index} (pid {self.pid}, {self.slot.describe()}) {how}"
+
+
+def available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def visible_gpus() -> list[str]:
+    """The GPU ids this process may hand out: its own CUDA_VISIBLE_DEVICES, else every GPU torch sees."""
+    import torch
+
+    pinned = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if pinned is not None:
+        return [gpu.strip() for gpu in pinned.split(",") if gpu.strip()]
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
+def worker_slots(
+    workers: int, device: str = "auto", cpus: int | None = None, gpus: Sequence[str] | None = None
+) -> list[WorkerSlot]:
+    """One slot per worker: GPUs dealt round-robin when `device` resolves to CUDA (`gpus`, default
+    `visible_gpus()`), and the `cpus` (default: those this process may use) split evenly, at least one
+    each."""
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    if gpus is None:
+        gpus = visible_gpus() if resolve_device(device).type == "cuda" else []
+    threads = max(1, (cpus or available_cpus()) // workers)
+    return [WorkerSlot(i, gpus[i % len(gpus)] if gpus else None, threads) for i in range(workers)]
+
+
+def in_memory(bundle: DatasetBundle) -> bool:
+    """Whether every split of `bundle` is a tensor dataset, which reaches the workers through shared memory.
+    File lists are cheap to read again, and their corrupt-image counters belong to one process tree."""
+    from bench.data.omniglot import TensorImages
+
+    splits = [split for split in [bundle.val, *bundle.tests] if split is not None]
+    parts = [bundle.train] + [part for split in splits for part in (split.query, split.gallery)]
+    return all(isinstance(part, TensorImages) for part in parts if part is not None)
+
+
+def time_left(timeout: float | None, started: float) -> float | None:
+    """What remains of `timeout` seconds counted from `started` (time.monotonic); None without a timeout."""
+    return None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+
+
+def tune_in_workers(
+    exp: Experiment,
+    loss_names: Sequence[str],
+    workers: int,
+    *,
+    tracker: Tracker | None = None,
+    storage: str | None = None,
+    study_name_override: str | None = None,
+    timeout: float | None = None,
+    device: str = "auto",
+    bundle: DatasetBundle | None = None,
+    log: Log | None = print,
+    heartbeat_interval: int = HEARTBEAT_INTERVAL,
+    grace_period: int = GRACE_PERIOD,
+    poll_s: float = 2.0,
+    loss_modules: Sequence[str] = (),
+) -> list[WorkerExit]:
+    """Tune `loss_names` in `workers` processes until every study has its budget (or `timeout` passes);
+    how each worker ended.
+
+    A worker that dies leaves its trial to the heartbeat check and its share of the budget to the others.
+    Call `tune_losses` afterwards, as without workers: it finds the budgets finished (or finishes what dead
+    workers left) and closes the studies' MLflow runs. A dataset held in memory (Omniglot) is read once,
+    here, and shared; image files are listed again by each worker.
+    `loss_modules` (files) are loaded in every worker; losses registered otherwise in this process are not
+    seen there.
+    """
+    from bench.data import load_dataset
+
+    if study_name_override and len(loss_names) != 1:
+        raise ConfigError("--study-name names one study: give exactly one loss with it")
+    slots = worker_slots(workers, device)
+    storage = storage or exp.tune.storage
+    bundle = bundle or load_dataset(exp.data)
+    rdb = open_storage(storage, heartbeat_interval, grace_period)
+    for loss in loss_names:  # each study and its MLflow parent run made once, before any worker opens it
+        LossTuner(for_loss(exp, loss), rdb, tracker, bundle, device=device, name=study_name_override)
+    if log and layout.sqlite_path(storage) is not None:
+        log("[workers] SQLite serves workers of one machine only; PostgreSQL shares studies across machines")
+    tracking = None
+    if tracker is not None:
+        tracking = TrackingTarget(tracker.uri, tracker.experiment, tracker.spool.folder)
+    job = WorkerJob(
+        exp,
+        list(loss_names),
+        list(loss_modules),
+        storage,
+        tracking,
+        study_name_override,
+        timeout,
+        device,
+        bundle if in_memory(bundle) else None,
+        heartbeat_interval,
+        grace_period,
+        poll_s,
+    )
+    return _run_processes(job, slots, log)
+
+
+def _run_processes(job: WorkerJob, slots: list[WorkerSlot], log: Log | None) -> list[WorkerExit]:
+    """Start one process per slot and wait for all (spawned: CUDA cannot be forked); Ctrl-C stops them."""
+    import torch.multiprocessing
+
+    context = torch.multiprocessing.get_context("spawn")  # tensors of the dataset travel by shared memory
+    processes = [
+        context.Process(target=run_worker, args=(job, slot), name=f"tune-worker-{slot.index}")
+        for slot in slots
+    ]
+    try:
+        for process, slot in zip(processes, slots, strict=True):
+            process.start()
+            if log:
+                log(f"[workers] worker {slot.index}: pid {process.pid}, {slot.describe()}")
+        for process in processes:
+            process.join()
+    except KeyboardInterrupt:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+            process.join()
+        raise
+    exits = [WorkerExit(slot, p.pid, p.exitcode) for p, slot in zip(processes, slots, strict=True)]
+    for ended in exits:
+        if ended.code != 0 and log:
+            log(f"[workers] {ended.describe()}")
+    return exits
+
+
+def run_worker(job: WorkerJob, slot: WorkerSlot) -> None:
+    """One worker process: pinned to its GPU before CUDA starts, on its share of the cores, tuning until
+    every study has its budget. A database that stays away ends it with status EXIT_STORAGE_LOST."""
+    if slot.gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = slot.gpu
+    import torch
+
+    torch.set_num_threads(slot.threads)
+    if job.loss_modules:
+        import losses
+
+        for path in job.loss_modules:
+            losses.load_loss_module(path)
+    tracker = None
+    if job.tracking is not None:
+        from bench.tracking import Tracker
+
+        target = job.tracking
+        tracker = Tracker(target.uri, target.experiment, create=False, spool_dir=target.spool_dir)
+
+    def log(line: str) -> None:
+        print(f"[worker {slot.index}] {line}", flush=True)
+
+    try:
+        tune_losses(
+            job.exp,
+            job.loss_names,
+            tracker=tracker,
+            storage=job.storage,
+            study_name_override=job.study_name,
+            timeout=job.timeout,
+            device=job.device,
+            bundle=job.bundle,
+            log=log,
+            heartbeat_interval=job.heartbeat_interval,
+            grace_period=job.grace_period,
+            poll_s=job.poll_s,
+        )
+    except StorageLost as error:
+        print(f"[worker {slot.index}] {error}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_STORAGE_LOST)
