@@ -10,6 +10,15 @@ import argparse
 from bench import layout
 
 
+def load_loss_modules(args: argparse.Namespace) -> None:
+    """`--loss-module` files, imported and checked before the config or any data is read."""
+    if args.loss_modules:
+        import losses
+
+        for path in args.loss_modules:
+            losses.load_loss_module(path)
+
+
 def experiment_from_args(args: argparse.Namespace):
     """Load the config with overrides; command-line shortcuts win over --set."""
     from bench.config import load_experiment
@@ -55,24 +64,52 @@ def _loss_list(text: str | None) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """One run; under torchrun (`torchrun --nproc_per_node=N -m bench train ...`) one rank of it, rank 0
+    opening the MLflow store and printing (`bench.train.distributed`)."""
+    load_loss_modules(args)
+    from bench.device import resolve_device
     from bench.report.console import metrics_table
     from bench.train import train_and_evaluate
+    from bench.train.distributed import process_group
+    from bench.train.run import starting_point
 
     exp = experiment_from_args(args)
-    tracker = make_tracker(args, exp)
-    resume = args.resume if args.resume else False
-    result = train_and_evaluate(
-        exp, tracker, device=args.device, resume=resume, progress=not args.no_progress
-    )
-    print(metrics_table({exp.loss.name: result.test_metrics}))
-    print(
-        f"MLflow run {result.run_id} in {tracker.experiment!r} ({_shown_uri(tracker.uri)}); "
-        f"checkpoint {result.checkpoint}"
-    )
+    with process_group(resolve_device(args.device).type) as dist:
+        # a damaged checkpoint or a change --resume cannot honour fails here, before any store is opened
+        start = starting_point(exp, args.resume or False)
+        main = dist is None or dist.is_main
+        if dist is not None:
+            dist.barrier()  # every rank knows where it starts before rank 0 writes a checkpoint
+        tracker = make_tracker(args, exp) if main else None
+        progress = main and not args.no_progress
+        result = train_and_evaluate(
+            exp, tracker, device=args.device, resume=start, progress=progress, dist=dist
+        )
+    if main:
+        print(metrics_table({exp.loss.name: result.test_metrics}))
+        print(
+            f"MLflow run {result.run_id} in {tracker.experiment!r} ({_shown_uri(tracker.uri)}); "
+            f"checkpoint {result.checkpoint}"
+        )
     return 0
 
 
+def refuse_torchrun(command: str) -> None:
+    """`tune`, `run` and `ablate` train each of their runs in one process: under torchrun, say so."""
+    from bench.config import ConfigError
+    from bench.train.distributed import world_size_from_env
+
+    if world_size_from_env() > 1:
+        raise ConfigError(
+            f"`{command}` does not run under torchrun (WORLD_SIZE={world_size_from_env()}): its runs train "
+            "in one process each. Launch it without torchrun (several tune workers can share a study through "
+            "--storage), or train a single run on several processes with `torchrun ... -m bench train`"
+        )
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
+    refuse_torchrun("tune")
+    load_loss_modules(args)
     from bench.data import load_dataset
     from bench.pipeline import mean_test_metrics
     from bench.report.console import metrics_table
@@ -89,16 +126,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
     names = _loss_list(args.losses)
     tracker = make_tracker(args, exp)
     bundle = load_dataset(exp.data)
+    timeout = _tune_in_workers(args, exp, names, tracker, exp.tune.storage, bundle, args.study_name)
     studies = tune_losses(
         exp,
         names,
         tracker=tracker,
         storage=exp.tune.storage,
         study_name_override=args.study_name,
-        timeout=args.timeout,
+        timeout=timeout,
         device=args.device,
         bundle=bundle,
     )
+    if args.widen is not None and not args.study_name and all(s.done for s in studies.values()):
+        exp, widened = widen_edges(exp, names, args.widen, tracker=tracker, device=args.device, bundle=bundle)
+        studies.update(widened)
     if args.study_name:
         one = studies[names[0]]
         print(
@@ -106,7 +147,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
             f"{one.budget}; best val MAP@R {one.best_value}"
         )
     else:
-        print(budget_report(exp.tune.storage, exp.name, names).to_string(index=False))
+        print(
+            budget_report(exp.tune.storage, exp.name, names, widened=list(exp.tune.widen)).to_string(
+                index=False
+            )
+        )
     if args.no_final or exp.tune.final_seeds == 0 or not all(s.done for s in studies.values()):
         return 0
     rows = {
@@ -128,27 +173,80 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune_in_workers(args, exp, names, tracker, storage, bundle, study_name=None) -> float | None:
+    """`--workers N` (N > 1): tune in N processes first; what is left of `--timeout` for the rest of the
+    command (the in-process tuning that follows finds the budgets done, or finishes what dead workers
+    left)."""
+    import time
+
+    from bench.tune.workers import time_left, tune_in_workers
+
+    started = time.monotonic()
+    if args.workers > 1:
+        tune_in_workers(
+            exp,
+            names,
+            args.workers,
+            tracker=tracker,
+            storage=storage,
+            study_name_override=study_name,
+            timeout=args.timeout,
+            device=args.device,
+            bundle=bundle,
+            loss_modules=args.loss_modules,
+        )
+    return time_left(args.timeout, started)
+
+
+def widen_edges(exp, names: list[str], factor: float, **tune_kwargs):
+    """`--widen`: the experiment with `tune.widen` set for the losses whose best value hit an edge, and those
+    losses' widened studies tuned on the same budget."""
+    from bench.tune import tune_losses, with_overrides
+    from bench.tune.runner import ranges_to_widen
+
+    ranges = ranges_to_widen(exp, names, exp.tune.storage, factor)
+    print(
+        f"[tune] widening x{factor}: " + (", ".join(f"{k} {v}" for k, v in ranges.items()) or "no edge hit")
+    )
+    if not ranges:
+        return exp, {}
+    exp = with_overrides(exp, {"tune.widen": {**exp.tune.widen, **ranges}})
+    return exp, tune_losses(exp, list(ranges), storage=exp.tune.storage, **tune_kwargs)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """The main job: tune every loss on an equal budget, run the final seeds, write the report."""
+    refuse_torchrun("run")
+    load_loss_modules(args)
     from bench.pipeline import mean_test_metrics, run_main_job
     from bench.report.console import metrics_table
 
     exp = main_job_experiment(args)
     names = _loss_list(args.losses)
     tracker = make_tracker(args, exp)
+    storage = args.storage or exp.tune.storage
     print(
-        f"[run] {exp.name}: {len(names)} losses x {exp.tune.trials} trials of {exp.tune.epochs or exp.train.epochs} "
-        f"epochs, then {exp.tune.final_seeds} final seeds of {exp.tune.final_epochs or exp.train.epochs} epochs; "
+        f"[run] {exp.name}: {len(names)} losses x {exp.tune.trials} trials of "
+        f"{exp.tune.epochs or exp.train.epochs} epochs, then {exp.tune.final_seeds} final seeds of "
+        f"{exp.tune.final_epochs or exp.train.epochs} epochs; "
         f"MLflow {_shown_uri(tracker.uri)} experiment {exp.tracking.experiment!r}"
     )
+    bundle = None
+    if args.workers > 1:
+        from bench.data import load_dataset
+
+        bundle = load_dataset(exp.data)
+    timeout = _tune_in_workers(args, exp, names, tracker, storage, bundle)
     result = run_main_job(
         exp,
         names,
         tracker=tracker,
-        storage=args.storage or exp.tune.storage,
+        storage=storage,
         device=args.device,
-        timeout=args.timeout,
+        timeout=timeout,
+        bundle=bundle,
         report_dir=args.out,
+        widen=args.widen,
     )
     if not result.complete:
         return 1
@@ -159,6 +257,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
+    refuse_torchrun("ablate")
+    load_loss_modules(args)
     from bench.ablate import ablate, parse_values
     from bench.config import ConfigError
 
@@ -183,22 +283,47 @@ def _print_written(paths, out) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    load_loss_modules(args)
     from bench.report import make_report
 
     out = args.out or layout.report_dir(args.experiment)
     paths = make_report(
-        args.tracking_uri, args.experiment, out, optuna_storage=args.optuna_storage, device=args.device
+        args.tracking_uri,
+        args.experiment,
+        out,
+        optuna_storage=args.optuna_storage,
+        device=args.device,
+        allow_unfair=args.allow_unfair,
     )
+    for path in paths:  # each comparison table with its fairness receipt under it
+        if path.name.startswith("comparison_") and path.suffix == ".md":
+            print(path.read_text())
     _print_written(paths, out)
     return 0
 
 
 def cmd_grad(args: argparse.Namespace) -> int:
+    load_loss_modules(args)
     from bench.report import make_grad_report
 
     out = args.out or layout.grad_dir(args.experiment)
     _print_written(make_grad_report(args.tracking_uri, args.experiment, out, seed=args.seed), out)
     return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    """Send the spooled records of runs that lost their tracking server; 1 while some are still kept."""
+    from bench.tracking import SPOOL_DIR, redact, sync
+
+    spool = args.spool or SPOOL_DIR
+    result = sync(spool, args.tracking_uri)
+    target = f" to {redact(args.tracking_uri)}" if args.tracking_uri else ""
+    print(f"sent {result.records} records of {result.runs} runs from {spool}{target}")
+    for path in result.busy:
+        print(f"  {path}: its process is still running and sends it itself")
+    for path in result.left:
+        print(f"  {path}: its server still does not answer; run sync again later")
+    return 1 if result.left else 0
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
@@ -254,4 +379,34 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
             if value is not None:
                 setattr(config, key, value)
         bench_data(config, batches=args.batches)
+    return 0
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from bench.benchmarks.train_bench import format_table, run_train_bench
+    from bench.config import ConfigError
+    from bench.device import resolve_device
+    from bench.train.distributed import world_size_from_env
+
+    if world_size_from_env() > 1:
+        raise ConfigError(
+            "`bench train` launches torchrun itself for each case: run it without torchrun, with --nproc N"
+        )
+    table = run_train_bench(
+        backbone=args.backbone,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        samples_per_class=args.samples_per_class,
+        chunk_size=args.chunk_size,
+        loss=args.loss,
+        embedding_dim=args.embedding_dim,
+        freeze_bn=not args.train_bn,
+        processes=args.nproc,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=resolve_device(args.device).type,
+        threads=args.threads,
+        timeout_s=args.timeout,
+    )
+    print(format_table(table))
     return 0

@@ -17,8 +17,14 @@ EPILOG = """examples:
   smoothap-bench run                                  # the main job on the bundled Omniglot data
   smoothap-bench train --config omniglot --loss smooth_ap --set optim.lr=3e-4
   smoothap-bench train --config omniglot --loss smooth_ap --resume   # continue an interrupted run
-  smoothap-bench bench loss                           # Smooth-AP speed and memory against the B x B x B algorithm
+  smoothap-bench bench loss                           # Smooth-AP speed and memory against the \
+B x B x B algorithm
 """
+WIDEN_HELP = (
+    "after tuning, retune each loss whose best value lies at an edge of its range (within 5%%, log scale for "
+    "log-scaled parameters) over that range widened by FACTOR on the side it hit, on the same budget, "
+    "in the study <experiment>-<loss>-widened; its final runs come from there (try 10)"
+)
 TRACKING_HELP = f"MLflow tracking URI (default: MLFLOW_TRACKING_URI, else {layout.MLFLOW_URI})"
 
 
@@ -41,7 +47,21 @@ def add_experiment_options(parser: argparse.ArgumentParser, loss: bool = True) -
     )
     parser.add_argument("--seed", type=int, help="training seed (default: the config's train.seed)")
     parser.add_argument("--epochs", type=int, help="shortcut for --set train.epochs=N")
+    add_loss_module_option(parser)
     add_runtime_options(parser)
+
+
+def add_loss_module_option(parser: argparse.ArgumentParser) -> None:
+    """`--loss-module FILE`: losses from outside the package, on every command that builds or names one."""
+    parser.add_argument(
+        "--loss-module",
+        dest="loss_modules",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a Python file, anywhere, that registers a loss with losses.register(...); its losses join "
+        "the registry before anything else runs (repeatable)",
+    )
 
 
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +86,20 @@ def add_report_options(parser: argparse.ArgumentParser) -> None:
         help="MLflow experiment to report on (the config's tracking.experiment; default: omniglot)",
     )
     parser.add_argument("--tracking-uri", help=TRACKING_HELP)
+    add_loss_module_option(parser)
+
+
+WORKERS_HELP = (
+    "tuning processes on this machine: one per GPU (CUDA_VISIBLE_DEVICES pinned), else CPU workers with the "
+    "cores split between them; the same command on other machines with the same PostgreSQL --storage joins "
+    "the same studies (default: 1)"
+)
+
+
+def _worker_count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of workers, at least 1, got {text!r}")
+    return int(text)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -80,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="smoothap-bench",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
-        description="Train, tune and compare deep metric learning losses (Smooth-AP and baselines) on identical "
-        "backbones, logged to MLflow.",
+        description="Train, tune and compare deep metric learning losses (Smooth-AP and baselines) "
+        "on identical backbones, logged to MLflow.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -105,9 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run",
         help="the main job: tune all losses on equal budgets, final seeds, report (Omniglot by default)",
-        description="Tune every loss (Optuna, equal budget, validation classes only), retrain each loss's best "
-        "parameters with several seeds, test once, and write tables and figures to results/<experiment>/. "
-        "Budgets come from the config's tune section; re-running continues where it stopped.",
+        description="Tune every loss (Optuna, equal budget, validation classes only), "
+        "retrain each loss's best parameters with several seeds, test once, and write tables and figures "
+        "to results/<experiment>/. Budgets come from the config's tune section; re-running continues "
+        "where it stopped.",
     )
     add_experiment_options(run, loss=False)
     run.add_argument(
@@ -119,11 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--experiment-name",
-        help="name of the experiment, its MLflow experiment and its studies (default: the config's; with --quick: omniglot-quick)",
+        help="name of the experiment, its MLflow experiment and its studies "
+        "(default: the config's; with --quick: omniglot-quick)",
     )
     run.add_argument("--losses", help="comma-separated registry names (default: every registered loss)")
     run.add_argument("--storage", help="Optuna storage URL (default: the config's tune.storage)")
     run.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    run.add_argument("--workers", type=_worker_count, default=1, metavar="N", help=WORKERS_HELP)
+    run.add_argument("--widen", type=float, metavar="FACTOR", help=WIDEN_HELP)
     run.add_argument("--out", help="report folder (default: results/<experiment>/)")
     run.set_defaults(handler=handlers.cmd_run)
 
@@ -152,11 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Optuna RDB URL (default: the config's tune.storage, "
         f"{layout.OPTUNA_STORAGE}; PostgreSQL for workers on several machines)",
     )
+    tune.add_argument("--workers", type=_worker_count, default=1, metavar="N", help=WORKERS_HELP)
     tune.add_argument("--study-name", help="study name for a single loss (default: <experiment>-<loss>)")
     tune.add_argument(
         "--final-seeds", type=int, help="final seeds per loss (default: the config's tune.final_seeds)"
     )
     tune.add_argument("--no-final", action="store_true", help="tune only; skip the final seed runs")
+    tune.add_argument("--widen", type=float, metavar="FACTOR", help=WIDEN_HELP)
     tune.set_defaults(handler=handlers.cmd_tune)
 
     ablation = commands.add_parser(
@@ -199,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=layout.OPTUNA_STORAGE,
         help=f"Optuna storage holding the studies <experiment>-<loss> (default: {layout.OPTUNA_STORAGE})",
     )
+    report.add_argument(
+        "--allow-unfair",
+        action="store_true",
+        help="render a comparison whose fairness receipt is broken (losses at one seed with other initial "
+        "weights or batches, or a tuning run that evaluated a test split); its tables are marked unfair",
+    )
     report.set_defaults(handler=handlers.cmd_report)
 
     grad = commands.add_parser(
@@ -212,6 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
     grad.add_argument("--out", help="output folder (default: results/<experiment>/grad/)")
     grad.add_argument("--seed", type=int, default=0, help="seed that draws the analysed batch (default: 0)")
     grad.set_defaults(handler=handlers.cmd_grad)
+
+    sync = commands.add_parser(
+        "sync",
+        help="send what runs kept while the MLflow server was unreachable",
+        description="Runs that could not reach their tracking server keep what they log in a spool folder. "
+        "Send it, in order, to the server (each file names the server it was meant for); what a server "
+        "still does not take stays for the next sync.",
+    )
+    sync.add_argument("--spool", help=f"the spool folder (default: {layout.RESULTS}/spool)", metavar="FOLDER")
+    sync.add_argument(
+        "--tracking-uri",
+        help="send to this server instead of the one each file names (needed when that URL had a password)",
+    )
+    sync.set_defaults(handler=handlers.cmd_sync)
 
     data = commands.add_parser("data", help="dataset tools: check a dataset on disk")
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -249,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--dim", type=int, default=512, help="embedding size (default: 512)")
     loss.add_argument(
         "--losses",
-        help="comma-separated subset: registry names, smooth_ap_bbb (released B x B x B algorithm), smooth_ap_pml (default: all)",
+        help="comma-separated subset: registry names, smooth_ap_bbb (released B x B x B algorithm), "
+        "smooth_ap_pml (default: all)",
     )
     loss.add_argument(
         "--repeats",
@@ -306,4 +367,45 @@ def build_parser() -> argparse.ArgumentParser:
     data_bench.add_argument("--batch-size", type=int, help="images per batch (default: the config's)")
     data_bench.add_argument("--batches", type=int, default=20, help="batches to time (default: 20)")
     data_bench.set_defaults(handler=handlers.cmd_bench_data)
+    add_train_bench(bench_commands)
     return parser
+
+
+def add_train_bench(bench_commands) -> None:
+    """`bench train`: the plain and the gradient-cached training step side by side, over process counts."""
+    train = bench_commands.add_parser(
+        "train",
+        help="images/s and peak memory of training steps, plain and chunked, on 1..N processes",
+        description="Time training steps of a backbone on a synthetic P x K batch, the plain step and the "
+        "gradient-cached one side by side, each case in a fresh torchrun launch (one process, or N with "
+        "--nproc, training as `torchrun -m bench train` does). Reports images/s, rank 0's peak memory, "
+        "chunked / plain peak memory and N / 1 process images/s.",
+    )
+    train.add_argument("--backbone", default="resnet18", help="model.backbone (default: resnet18)")
+    train.add_argument("--image-size", type=int, default=64, help="side of the images (default: 64)")
+    train.add_argument("--batch-size", type=int, default=1024, help="global batch P x K (default: 1024)")
+    train.add_argument("--samples-per-class", type=int, default=4, help="K (default: 4)")
+    train.add_argument(
+        "--chunk-size", type=int, default=64, help="train.chunk_size of the chunked step (default: 64)"
+    )
+    train.add_argument("--loss", default="smooth_ap", help="registry name of the loss (default: smooth_ap)")
+    train.add_argument("--embedding-dim", type=int, default=128, help="model.embedding_dim (default: 128)")
+    train.add_argument(
+        "--train-bn",
+        action="store_true",
+        help="BatchNorm in training mode (default: frozen, the paper's recipe)",
+    )
+    train.add_argument(
+        "--nproc",
+        type=_int_list,
+        default=(1,),
+        help="comma-separated process counts, e.g. 1,2 for the scaling from one process to two (default: 1)",
+    )
+    train.add_argument("--steps", type=int, default=3, help="timed steps per case (default: 3)")
+    train.add_argument("--warmup", type=int, default=1, help="untimed steps before them (default: 1)")
+    train.add_argument(
+        "--threads", type=int, help="torch threads shared out among a case's processes (default: all cores)"
+    )
+    train.add_argument("--timeout", type=float, default=1800.0, help="seconds per case (default: 1800)")
+    train.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    train.set_defaults(handler=handlers.cmd_bench_train)
