@@ -27,6 +27,12 @@ recomputes a block's sigmoids (or reuses them when all of them fit in one chunk)
 gradient. Peak memory is O(B^2 + chunk_elements), with at least one query's m x B sigmoids per block;
 never B^3.
 
+Backends (`backend`): `torch`, the blocks above, everywhere; `triton` (`losses._smooth_ap_triton`), kernels
+that stream each query's row of S once for all of its positives and never store a sigmoid, so memory is S, its
+gradient and B x P sums; `auto` (the default) takes Triton on CUDA when it is installed and no query has more
+than its 512 positives, else torch. Both compute the same function; the tests check them against each other in
+float64 under Triton's CPU interpreter.
+
 Queries x gallery form (`losses._refs`): `loss(embeddings, labels, ref_embeddings, ref_labels, query_offset)`
 ranks the retrieval set for each query, the query's own column at `query_offset + q` playing the part of the
 diagonal: the same formula row by row on a B x M similarity matrix, B x P x M work. The loss is the mean over
@@ -36,8 +42,10 @@ own queries against the gathered global batch, and the ranks' mean is the loss o
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import warnings
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -45,6 +53,9 @@ from torch import Tensor
 
 from losses import register
 from losses._refs import check_refs
+
+Backend = Literal["auto", "torch", "triton"]
+BACKENDS = ("auto", "torch", "triton")
 
 
 def query_groups(
@@ -205,6 +216,32 @@ class _SmoothAPRanking(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
+def _triton_positive_limit() -> int:
+    from losses._smooth_ap_triton import MAX_POSITIVES
+
+    return MAX_POSITIVES
+
+
+def use_triton(backend: Backend, sims: Tensor, groups: list[tuple[Tensor, Tensor]]) -> bool:
+    """Whether the Triton kernels compute the ranking: `auto` takes them on CUDA when Triton is installed and
+    no query has more positives than they hold in registers; `triton` insists (on CUDA, or on CPU tensors
+    under Triton's interpreter, TRITON_INTERPRET=1)."""
+    if backend == "torch":
+        return False
+    installed = importlib.util.find_spec("triton") is not None
+    if backend == "auto":
+        largest = max(positives.shape[1] for _, positives in groups)
+        return sims.is_cuda and installed and largest <= _triton_positive_limit()
+    if not installed:
+        raise ImportError("smooth_ap: backend='triton' needs Triton (pip install triton), or use 'torch'")
+    if not sims.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"smooth_ap: backend='triton' needs CUDA tensors, got {sims.device} "
+            "(TRITON_INTERPRET=1 runs the kernels on the CPU, slowly, for testing)"
+        )
+    return True
+
+
 def smooth_ap_loss_from_similarities(
     sims: Tensor,
     labels: Tensor,
@@ -213,9 +250,11 @@ def smooth_ap_loss_from_similarities(
     chunk_elements: int = 2**22,
     ref_labels: Tensor | None = None,
     query_offset: int = 0,
+    backend: Backend = "torch",
 ) -> Tensor | None:
     """1 - mean Smooth-AP from a B x B similarity matrix, or from B x M similarities to a retrieval set
-    `ref_labels` holding the queries at `query_offset` (`losses._refs`); None when no query has a positive."""
+    `ref_labels` holding the queries at `query_offset` (`losses._refs`); None when no query has a positive.
+    `chunk_elements` bounds the torch path's sigmoid blocks; the Triton path never stores them."""
     columns = labels.numel() if ref_labels is None else ref_labels.numel()
     if sims.dim() != 2 or sims.shape != (labels.numel(), columns):
         raise ValueError(
@@ -225,6 +264,10 @@ def smooth_ap_loss_from_similarities(
     groups = query_groups(labels, include_self, sims.device, ref_labels, query_offset)
     if not groups:
         return None
+    if use_triton(backend, sims, groups):
+        from losses._smooth_ap_triton import smooth_ap_ranking
+
+        return smooth_ap_ranking(sims, groups, float(temperature), bool(include_self), int(query_offset))
     return _SmoothAPRanking.apply(
         sims, groups, float(temperature), bool(include_self), int(chunk_elements), int(query_offset)
     )
@@ -235,8 +278,16 @@ class SmoothAP(torch.nn.Module):
 
     splits_by_query = True  # a mean of per-query terms: ranks may each take their own queries
 
-    def __init__(self, temperature: float = 0.01, include_self: bool = False, chunk_elements: int = 2**22):
+    def __init__(
+        self,
+        temperature: float = 0.01,
+        include_self: bool = False,
+        chunk_elements: int = 2**22,
+        backend: Backend = "auto",
+    ):
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"smooth_ap: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if temperature <= 0:
             raise ValueError(f"smooth_ap: temperature must be > 0, got {temperature}")
         if chunk_elements < 1:
@@ -244,6 +295,7 @@ class SmoothAP(torch.nn.Module):
         self.temperature = float(temperature)
         self.include_self = bool(include_self)
         self.chunk_elements = int(chunk_elements)
+        self.backend = backend
         self._warned = False
 
     def forward(
@@ -278,13 +330,14 @@ class SmoothAP(torch.nn.Module):
                 self.chunk_elements,
                 ref_labels,
                 query_offset,
+                self.backend,
             )
             return self._or_zero(loss, sims)
 
     def forward_similarities(self, sims: Tensor, labels: Tensor) -> Tensor:
         """The loss as a function of the B x B similarity matrix (row q = query q's similarities)."""
         loss = smooth_ap_loss_from_similarities(
-            sims, labels, self.temperature, self.include_self, self.chunk_elements
+            sims, labels, self.temperature, self.include_self, self.chunk_elements, backend=self.backend
         )
         return self._or_zero(loss, sims)
 

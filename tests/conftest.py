@@ -1,5 +1,6 @@
 """Shared fixtures: a throwaway MLflow store and tracker per test, the synthetic bundle, telemetry off, few
-threads on the shared CPU. The builders behind them are in tests/helpers.py."""
+threads on the shared CPU, Triton's CPU interpreter where there is no GPU. The builders behind them are in
+tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+if not torch.cuda.is_available():
+    # Triton reads the switch when it is imported, so it is set before any test imports it
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,120 @@
+"""Smooth-AP's Triton kernels against the torch path in float64, on the GPU when there is one, else under
+Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET before Triton is imported)."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+ON_GPU = torch.cuda.is_available()
+
+import losses._smooth_ap_triton as kernels  # noqa: E402
+from losses.smooth_ap import SmoothAP, query_groups, smooth_ap_loss_from_similarities, use_triton  # noqa: E402
+
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+
+
+def shuffled_uneven_labels(seed: int) -> torch.Tensor:
+    """Classes of 1 (no positive), 2, 3, 4 and 6 items, shuffled."""
+    sizes = {0: 2, 1: 3, 2: 4, 3: 1, 4: 6, 5: 2}
+    labels = torch.tensor([c for c, n in sizes.items() for _ in range(n)])
+    return labels[torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(seed))]
+
+
+def unit_rows(rows: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(rows, 8, generator=gen, dtype=torch.float64), dim=1).to(
+        dtype
+    )
+
+
+def loss_and_grad(sims: torch.Tensor, labels: torch.Tensor, backend: str, **kwargs):
+    sims = sims.detach().clone().to(DEVICE).requires_grad_()
+    loss = smooth_ap_loss_from_similarities(sims, labels.to(DEVICE), backend=backend, **kwargs)
+    loss.backward()
+    return loss.detach().double().cpu(), sims.grad.double().cpu()
+
+
+@pytest.mark.parametrize("include_self", [False, True])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kernel_equals_torch_path_in_float64(include_self, seed):
+    labels = shuffled_uneven_labels(seed)
+    emb = unit_rows(labels.numel(), seed)
+    sims = emb @ emb.T
+    for temperature in (0.01, 0.3):
+        kwargs = {"temperature": temperature, "include_self": include_self}
+        loss, grad = loss_and_grad(sims, labels, "triton", **kwargs)
+        ref_loss, ref_grad = loss_and_grad(sims, labels, "torch", **kwargs)
+        torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-12)
+        torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-12)
+        assert grad.abs().max() > 1e-3  # a gradient that is not all zero
+
+
+@pytest.mark.parametrize("include_self", [False, True])
+def test_float32_kernel_within_1e_6_of_float64_torch(include_self):
+    labels = shuffled_uneven_labels(2)
+    emb = unit_rows(labels.numel(), 2)
+    sims = emb @ emb.T
+    loss, grad = loss_and_grad(sims.float(), labels, "triton", temperature=0.05, include_self=include_self)
+    ref_loss, ref_grad = loss_and_grad(sims, labels, "torch", temperature=0.05, include_self=include_self)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-6)
+
+
+def test_rows_longer_than_a_tile(monkeypatch):
+    """Small tiles, so each row is walked in several tiles and a partial last one."""
+    monkeypatch.setattr(kernels, "TILE_ELEMENTS", 32)
+    labels = torch.arange(45) % 9  # 9 classes x 5: 4 positives -> 16-column tiles, 3 per row
+    emb = unit_rows(labels.numel(), 3)
+    for include_self in (False, True):
+        kwargs = {"temperature": 0.1, "include_self": include_self}
+        loss, grad = loss_and_grad(emb @ emb.T, labels, "triton", **kwargs)
+        ref_loss, ref_grad = loss_and_grad(emb @ emb.T, labels, "torch", **kwargs)
+        torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-12)
+        torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("include_self", [False, True])
+def test_queries_against_a_retrieval_set(include_self):
+    """The queries x gallery form: queries are rows 3.. of the retrieval set, found at `query_offset`."""
+    ref_labels = shuffled_uneven_labels(4).repeat(2)
+    refs = unit_rows(ref_labels.numel(), 4)
+    offset, rows = 3, 10
+    sims = refs[offset : offset + rows] @ refs.T
+    kwargs = {"temperature": 0.05, "include_self": include_self}
+    kwargs |= {"ref_labels": ref_labels.to(DEVICE), "query_offset": offset}
+    labels = ref_labels[offset : offset + rows]
+    loss, grad = loss_and_grad(sims, labels, "triton", **kwargs)
+    ref_loss, ref_grad = loss_and_grad(sims, labels, "torch", **kwargs)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-12)
+
+
+def test_module_gradient_reaches_embeddings_alike():
+    labels = shuffled_uneven_labels(5).to(DEVICE)
+    grads = {}
+    for backend in ("torch", "triton"):
+        emb = unit_rows(labels.numel(), 5).to(DEVICE).requires_grad_()
+        SmoothAP(temperature=0.02, backend=backend)(emb, labels).backward()
+        grads[backend] = emb.grad.cpu()
+    torch.testing.assert_close(grads["triton"], grads["torch"], rtol=0, atol=1e-12)
+
+
+def test_auto_takes_torch_on_cpu_and_for_large_classes(monkeypatch):
+    labels = torch.arange(12) % 3
+    sims = torch.zeros(12, 12, device=DEVICE)
+    groups = query_groups(labels, False, sims.device)
+    assert use_triton("auto", sims, groups) == ON_GPU
+    assert not use_triton("torch", sims, groups)
+    monkeypatch.setattr(kernels, "MAX_POSITIVES", 2)  # these classes have 3 positives per query
+    assert not use_triton("auto", sims, groups)
+    with pytest.raises(ValueError, match="at most 2 positives"):
+        kernels.smooth_ap_ranking(sims, groups, 0.01, False)
+
+
+def test_triton_on_cpu_without_the_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    emb = unit_rows(8, 0)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        SmoothAP(backend="triton")(emb, torch.arange(8) % 2)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        SmoothAP(backend="cuda")
