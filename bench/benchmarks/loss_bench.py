@@ -1,8 +1,17 @@
 """`smoothap-bench bench loss`: forward+backward time and peak memory of every loss, side by side.
 
-Compared: our Smooth-AP (B * P * B), a re-implementation of the authors' released B x B x B algorithm,
-pytorch-metric-learning's SmoothAPLoss (the same B^3 algorithm) and every other registered loss. Batches are
-`samples_per_class` contiguous samples per class (the layout the B^3 versions need), D-dim unit vectors.
+Compared: our Smooth-AP (B * P * B; `smooth_ap` is its default `auto` backend, and on CUDA its two paths
+run side by side as `smooth_ap_torch` and `smooth_ap_triton`), a re-implementation of the authors' released
+B x B x B algorithm, pytorch-metric-learning's SmoothAPLoss (the same B^3 algorithm) and every other
+registered loss. Batches are `samples_per_class` contiguous samples per class (the layout the B^3 versions
+need), D-dim unit vectors. For the Smooth-AP rows `gsig_per_s` counts the ranking's sigmoids, B x (K - 1) x B
+forward and as many backward, per second of the whole pass (in billions): set against the device's
+exponential throughput it gives the fraction of that bound reached (the time includes the two B x B x D
+similarity products).
+
+GPU run of the issue's cases (K = 4, D = 512): `smoothap-bench bench loss --device cuda --batch-sizes
+1024,8192,65536 --losses smooth_ap_torch,smooth_ap_triton`; add larger sizes (98304, 131072) to find the
+largest that fits: a case that runs out of memory says so in its status.
 
 Each (loss, batch size) case runs in a fresh subprocess, so its peak memory is its own:
 - CPU: growth of the process's resident-set high-water mark (getrusage ru_maxrss) over the case, measured
@@ -30,6 +39,7 @@ from torch import Tensor
 OURS = "smooth_ap"
 BBB = "smooth_ap_bbb"  # the released code's B x B x B algorithm, re-implemented
 PML = "smooth_ap_pml"
+BACKEND_ROWS = {"smooth_ap_torch": "torch", "smooth_ap_triton": "triton"}  # ours with its backend fixed
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -74,6 +84,9 @@ def _build(name: str, batch: int, samples_per_class: int):
 
         return SmoothAPLoss(temperature=0.01)
     from losses import get_loss
+
+    if name in BACKEND_ROWS:
+        return get_loss(OURS, backend=BACKEND_ROWS[name])
 
     return get_loss(name)
 
@@ -173,7 +186,8 @@ def run_loss_bench(
     """
     from losses import available_losses
 
-    names = losses or [OURS, BBB, PML] + [n for n in available_losses() if n != OURS]
+    backends = list(BACKEND_ROWS) if device.startswith("cuda") else []
+    names = losses or [OURS, *backends, BBB, PML] + [n for n in available_losses() if n != OURS]
     rows = []
     for batch in batch_sizes:
         if batch % samples_per_class:
@@ -182,6 +196,8 @@ def run_loss_bench(
             row = {"batch_size": batch, "loss": name}
             if name in (BBB, PML) and _bbb_bytes(batch) > max_bbb_gb * 2**30:
                 row["status"] = f"skipped: ~{_bbb_bytes(batch) / 2**30:.0f} GB B^3 tensors > {max_bbb_gb} GB"
+            elif BACKEND_ROWS.get(name) == "triton" and not device.startswith("cuda"):
+                row["status"] = "skipped: the triton backend needs --device cuda"
             else:
                 args = {
                     "name": name,
@@ -204,6 +220,9 @@ def run_loss_bench(
     ours = table[table["loss"] == OURS].set_index("batch_size")
     table["time_x_ours"] = table["time_ms"] / table["batch_size"].map(ours["time_ms"])
     table["peak_x_ours"] = table["peak_mb"] / table["batch_size"].map(ours["peak_mb"])
+    sigmoids = 2 * table["batch_size"] ** 2 * (samples_per_class - 1)
+    smooth_ap_rows = table["loss"].isin([OURS, *BACKEND_ROWS])
+    table["gsig_per_s"] = (sigmoids / (table["time_ms"] * 1e6)).where(smooth_ap_rows)
     columns = [
         "batch_size",
         "loss",
@@ -213,6 +232,7 @@ def run_loss_bench(
         "peak_mb",
         "time_x_ours",
         "peak_x_ours",
+        "gsig_per_s",
     ]
     return table[columns + ["status"]]
 
@@ -230,8 +250,8 @@ def format_table(df: pd.DataFrame) -> str:
     """Markdown table; ratios are relative to our Smooth-AP at the same batch size."""
     lines = [
         "| B | loss | fwd+bwd ms (fastest) | median ms | passes | peak MB "
-        "| time / ours | peak / ours | status |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        "| time / ours | peak / ours | Gsigmoid/s | status |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
 
     def num(value: float, digits: int) -> str:
@@ -241,6 +261,7 @@ def format_table(df: pd.DataFrame) -> str:
         lines.append(
             f"| {row.batch_size} | {row.loss} | {num(row.time_ms, 2)} | {num(row.median_ms, 2)} | "
             f"{num(row.passes, 0)} | {num(row.peak_mb, 1)} | "
-            f"{num(row.time_x_ours, 1)} | {num(row.peak_x_ours, 1)} | {row.status} |"
+            f"{num(row.time_x_ours, 1)} | {num(row.peak_x_ours, 1)} | {num(row.gsig_per_s, 1)} | "
+            f"{row.status} |"
         )
     return "\n".join(lines)

@@ -295,9 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     loss = bench_commands.add_parser(
         "loss",
         help="forward+backward time and peak memory of every loss, ratios to our Smooth-AP",
-        description="For each batch size (4 samples per class, D=512): our Smooth-AP, the released code's "
-        "B x B x B algorithm (where it fits), pytorch-metric-learning's SmoothAPLoss and the other "
-        "losses, each case in its own process.",
+        description="For each batch size (4 samples per class, D=512): our Smooth-AP (on CUDA also its "
+        "torch and Triton backends side by side), the released code's B x B x B algorithm (where it fits), "
+        "pytorch-metric-learning's SmoothAPLoss and the other losses, each case in its own process.",
     )
     loss.add_argument(
         "--batch-sizes",
@@ -310,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument(
         "--losses",
         help="comma-separated subset: registry names, smooth_ap_bbb (released B x B x B algorithm), "
-        "smooth_ap_pml (default: all)",
+        "smooth_ap_pml, smooth_ap_torch and smooth_ap_triton (ours with that backend; both are in the "
+        "default on CUDA) (default: all)",
     )
     loss.add_argument(
         "--repeats",

@@ -1,5 +1,7 @@
 """The benchmark's B x B x B baseline computes the same Smooth-AP as ours (include_self=True)."""
 
+import pandas as pd
+import pytest
 import torch
 
 from bench.benchmarks.loss_bench import format_table, released_smooth_ap, run_loss_bench
@@ -37,3 +39,21 @@ def test_bench_table_has_ratios_and_skips_what_does_not_fit():
     assert ours["time_ms"] <= ours["median_ms"]
     assert table.set_index("loss").loc["smooth_ap_bbb", "status"].startswith("skipped")
     assert "| 16 | smooth_ap |" in format_table(table)
+
+
+def test_backend_rows_run_ours_with_that_backend_and_count_sigmoids():
+    table = run_loss_bench(
+        batch_sizes=(16,),
+        dim=8,
+        losses=["smooth_ap", "smooth_ap_torch", "smooth_ap_triton", "triplet"],
+        repeats=2,
+        min_seconds=0.05,
+        threads=1,
+        progress=False,
+    ).set_index("loss")
+    assert table.loc["smooth_ap_torch", "status"] == "ok"
+    assert table.loc["smooth_ap_triton", "status"] == "skipped: the triton backend needs --device cuda"
+    # 2 passes x 16 queries x 3 positives x 16 items
+    expected = 2 * 16 * 3 * 16 / (table.loc["smooth_ap_torch", "time_ms"] * 1e6)
+    assert table.loc["smooth_ap_torch", "gsig_per_s"] == pytest.approx(expected)
+    assert pd.isna(table.loc["triplet", "gsig_per_s"])
