@@ -2,9 +2,9 @@
 local artifact root): the commands log to it with --tracking-uri http://..., the password of
 MLFLOW_TRACKING_PASSWORD reaches no output, param, tag or artifact, and a server outage loses nothing.
 
-The issue asks for a 60 s outage; OUTAGE_S is shorter to keep the suite quick, and still well past MLflow's
-own retries (about 15 s here), so what the run logs meanwhile must go through the spool. Restarting the server
-adds its start-up time (seconds) to the outage.
+The outage lasts OUTAGE_S = 60 s, as the issue asks: well past MLflow's own retries (about 15 s here), so
+what the run logs meanwhile must go through the spool. Restarting the server adds its start-up time (seconds)
+to the outage; the test mostly sleeps, so it costs a minute of wall time, not of CPU.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from bench.train import train_and_evaluate
 from tests.helpers import tiny_bundle, tiny_experiment
 from tests.servers import MlflowServer
 
-OUTAGE_S = 20
+OUTAGE_S = 60
 EPOCH_KEYS = ("train/loss", "val/map_at_r", "val/recall_at_1")
 
 
