@@ -34,8 +34,20 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except BaseException as error:
+        if _storage_lost(error):  # the Optuna database stayed away past the retries
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         return 130
+
+
+def _storage_lost(error: BaseException) -> bool:
+    """Whether `error` is tuning's StorageLost; only a command that tunes has imported it (with Optuna, which
+    the other commands need not load)."""
+    study = sys.modules.get("bench.tune.study")
+    return study is not None and isinstance(error, study.StorageLost)
 
 
 __all__ = ["build_parser", "main"]

@@ -125,6 +125,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     exp = experiment_from_args(args)
     names = _loss_list(args.losses)
     tracker = make_tracker(args, exp)
+    reach_storage(exp.tune.storage)
     bundle = load_dataset(exp.data)
     timeout = _tune_in_workers(args, exp, names, tracker, exp.tune.storage, bundle, args.study_name)
     studies = tune_losses(
@@ -171,6 +172,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"mean over {exp.tune.final_seeds} final seeds:")
     print(metrics_table(rows))
     return 0
+
+
+def reach_storage(url: str) -> None:
+    """Open the Optuna storage once before any data is read: an unreachable database fails the command in
+    seconds (StorageLost, after the retry period), not after loading a dataset."""
+    from bench.tune.study import open_storage
+
+    open_storage(url)
 
 
 def _tune_in_workers(args, exp, names, tracker, storage, bundle, study_name=None) -> float | None:
@@ -225,6 +234,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     names = _loss_list(args.losses)
     tracker = make_tracker(args, exp)
     storage = args.storage or exp.tune.storage
+    reach_storage(storage)
     print(
         f"[run] {exp.name}: {len(names)} losses x {exp.tune.trials} trials of "
         f"{exp.tune.epochs or exp.train.epochs} epochs, then {exp.tune.final_seeds} final seeds of "

@@ -195,7 +195,8 @@ def open_storage(
             # retries a few times and finds it
             lost = connection_lost(error)
             if (lost and time.monotonic() >= deadline) or (not lost and attempt >= 4):
-                raise StorageLost(f"cannot open Optuna storage {redact(url)}: {error}") from error
+                reason = str(getattr(error, "orig", None) or error).splitlines()[0]  # the driver's own words
+                raise StorageLost(f"cannot open Optuna storage {redact(url)}: {reason}") from error
             time.sleep(min(0.5 * 2**attempt, 16.0))
             attempt += 1
 

@@ -64,3 +64,20 @@ def test_run_names_its_experiment_and_applies_the_quick_budget(argv, name, trial
 
     exp = main_job_experiment(build_parser().parse_args(argv))
     assert (exp.name, exp.tracking.experiment, exp.tune.trials) == (name, name, trials)
+
+
+def test_an_unreachable_optuna_database_exits_2_in_one_line(capsys, tmp_path, monkeypatch):
+    pytest.importorskip("psycopg")
+    import bench.tune.study
+
+    monkeypatch.setattr(bench.tune.study, "STORAGE_RETRY_S", 0.5)
+    url = "postgresql+psycopg://bench:s3cret@127.0.0.1:9/studies"  # port 9 (discard): refused at once
+    argv = ["tune", "--losses", "smooth_ap", "--trials", "1", "--storage", url]
+    code = main([*argv, "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    err = capsys.readouterr().err
+    assert code == 2
+    (line,) = [line for line in err.splitlines() if not line.startswith(("20", "INFO"))]  # less MLflow's INFO
+    assert line.startswith(
+        "error: cannot open Optuna storage postgresql+psycopg://bench:***@127.0.0.1:9/studies"
+    )
+    assert "Connection refused" in line and "s3cret" not in err
