@@ -31,7 +31,10 @@ Backends (`backend`): `torch`, the blocks above, everywhere; `triton` (`losses._
 that stream each query's row of S once for all of its positives and never store a sigmoid, so memory is S, its
 gradient and B x P sums; `auto` (the default) takes Triton on CUDA when it is installed and no query has more
 than its 512 positives, else torch. Both compute the same function; the tests check them against each other in
-float64 under Triton's CPU interpreter.
+float64 under Triton's CPU interpreter. `tf32=True` computes the similarity products (forward and backward)
+in TF32 on CUDA, fp32 accumulation: the loss's other FLOPs, B x B x D twice, at several times fp32's rate. Off
+by default: TF32 rounds the inputs to a 10-bit mantissa, and the temperature magnifies what that does to S;
+`bench loss` states the loss and gradient error against fp32. It changes nothing on a CPU.
 
 Queries x gallery form (`losses._refs`): `loss(embeddings, labels, ref_embeddings, ref_labels, query_offset)`
 ranks the retrieval set for each query, the query's own column at `query_offset + q` playing the part of the
@@ -45,6 +48,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -96,18 +101,35 @@ def query_groups(
     return groups
 
 
+@contextmanager
+def cuda_matmul_precision(tf32: bool) -> Iterator[None]:
+    """fp32 products on CUDA in TF32 (fp32 accumulation) inside the block when `tf32`; restored after."""
+    if not tf32:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    previous, matmul.fp32_precision = matmul.fp32_precision, "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = previous
+
+
 class _Gram(torch.autograd.Function):
     """S = E E^T with a one-matmul backward, dE = (G + G^T) E (autograd's mm backward takes two)."""
 
     @staticmethod
-    def forward(ctx, emb):
+    def forward(ctx, emb, tf32):
         ctx.save_for_backward(emb)
-        return emb @ emb.T
+        ctx.tf32 = tf32
+        with cuda_matmul_precision(tf32):
+            return emb @ emb.T
 
     @staticmethod
     def backward(ctx, grad):
         (emb,) = ctx.saved_tensors
-        return (grad + grad.T) @ emb
+        with cuda_matmul_precision(ctx.tf32):
+            return (grad + grad.T) @ emb, None
 
 
 class _Block(NamedTuple):
@@ -284,6 +306,7 @@ class SmoothAP(torch.nn.Module):
         include_self: bool = False,
         chunk_elements: int = 2**22,
         backend: Backend = "auto",
+        tf32: bool = False,
     ):
         super().__init__()
         if backend not in BACKENDS:
@@ -296,6 +319,7 @@ class SmoothAP(torch.nn.Module):
         self.include_self = bool(include_self)
         self.chunk_elements = int(chunk_elements)
         self.backend = backend
+        self.tf32 = bool(tf32)
         self._warned = False
 
     def forward(
@@ -317,11 +341,12 @@ class SmoothAP(torch.nn.Module):
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             emb = embeddings.to(dtype)
             if ref_embeddings is None:
-                return self.forward_similarities(_Gram.apply(emb), labels)
+                return self.forward_similarities(_Gram.apply(emb, self.tf32), labels)
             labels, ref_labels = check_refs(
                 "smooth_ap", emb, labels, ref_embeddings, ref_labels, query_offset
             )
-            sims = emb @ ref_embeddings.to(dtype).T
+            with cuda_matmul_precision(self.tf32):
+                sims = emb @ ref_embeddings.to(dtype).T
             loss = smooth_ap_loss_from_similarities(
                 sims,
                 labels,

@@ -9,9 +9,12 @@ forward and as many backward, per second of the whole pass (in billions): set ag
 exponential throughput it gives the fraction of that bound reached (the time includes the two B x B x D
 similarity products).
 
+`smooth_ap_triton_tf32` computes the similarity products in TF32 and also reports its loss error and its
+largest gradient error (relative to the largest fp32 gradient entry) against the same pass in fp32.
+
 GPU run of the issue's cases (K = 4, D = 512): `smoothap-bench bench loss --device cuda --batch-sizes
-1024,8192,65536 --losses smooth_ap_torch,smooth_ap_triton`; add larger sizes (98304, 131072) to find the
-largest that fits: a case that runs out of memory says so in its status.
+1024,8192,65536 --losses smooth_ap_torch,smooth_ap_triton,smooth_ap_triton_tf32`; add larger sizes (98304,
+131072) to find the largest that fits: a case that runs out of memory says so in its status.
 
 Each (loss, batch size) case runs in a fresh subprocess, so its peak memory is its own:
 - CPU: growth of the process's resident-set high-water mark (getrusage ru_maxrss) over the case, measured
@@ -39,7 +42,11 @@ from torch import Tensor
 OURS = "smooth_ap"
 BBB = "smooth_ap_bbb"  # the released code's B x B x B algorithm, re-implemented
 PML = "smooth_ap_pml"
-BACKEND_ROWS = {"smooth_ap_torch": "torch", "smooth_ap_triton": "triton"}  # ours with its backend fixed
+BACKEND_ROWS = {  # ours with its backend fixed, and the Triton path with TF32 similarity products
+    "smooth_ap_torch": {"backend": "torch"},
+    "smooth_ap_triton": {"backend": "triton"},
+    "smooth_ap_triton_tf32": {"backend": "triton", "tf32": True},
+}
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -86,7 +93,7 @@ def _build(name: str, batch: int, samples_per_class: int):
     from losses import get_loss
 
     if name in BACKEND_ROWS:
-        return get_loss(OURS, backend=BACKEND_ROWS[name])
+        return get_loss(OURS, **BACKEND_ROWS[name])
 
     return get_loss(name)
 
@@ -135,11 +142,32 @@ def _measure_case(
     else:
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
     times.sort()
-    return {
+    result = {
         "time_ms": 1000 * times[0],
         "median_ms": 1000 * times[len(times) // 2],
         "passes": len(times),
         "peak_mb": peak / 2**20,
+    }
+    if BACKEND_ROWS.get(name, {}).get("tf32"):
+        result.update(_error_against_fp32(name, loss_fn, base, labels))
+    return result
+
+
+def _error_against_fp32(name: str, loss_fn, base: Tensor, labels: Tensor) -> dict:
+    """|loss - fp32 loss| and max |grad - fp32 grad| / max |fp32 grad| of a reduced-precision row."""
+    from losses import get_loss
+
+    exact = {**BACKEND_ROWS[name], "tf32": False}
+    values = []
+    for fn in (loss_fn, get_loss(OURS, **exact)):
+        emb = base.clone().requires_grad_(True)
+        loss = fn(emb, labels)
+        loss.backward()
+        values.append((loss.item(), emb.grad))
+    (loss, grad), (ref_loss, ref_grad) = values
+    return {
+        "loss_err": abs(loss - ref_loss),
+        "grad_rel_err": ((grad - ref_grad).abs().max() / ref_grad.abs().max()).item(),
     }
 
 
@@ -196,7 +224,7 @@ def run_loss_bench(
             row = {"batch_size": batch, "loss": name}
             if name in (BBB, PML) and _bbb_bytes(batch) > max_bbb_gb * 2**30:
                 row["status"] = f"skipped: ~{_bbb_bytes(batch) / 2**30:.0f} GB B^3 tensors > {max_bbb_gb} GB"
-            elif BACKEND_ROWS.get(name) == "triton" and not device.startswith("cuda"):
+            elif BACKEND_ROWS.get(name, {}).get("backend") == "triton" and not device.startswith("cuda"):
                 row["status"] = "skipped: the triton backend needs --device cuda"
             else:
                 args = {
@@ -214,7 +242,7 @@ def run_loss_bench(
                 print(_format_row(row), file=sys.stderr, flush=True)
             rows.append(row)
     table = pd.DataFrame(rows)
-    for column in ("time_ms", "median_ms", "passes", "peak_mb"):
+    for column in ("time_ms", "median_ms", "passes", "peak_mb", "loss_err", "grad_rel_err"):
         if column not in table:
             table[column] = float("nan")
     ours = table[table["loss"] == OURS].set_index("batch_size")
@@ -233,6 +261,8 @@ def run_loss_bench(
         "time_x_ours",
         "peak_x_ours",
         "gsig_per_s",
+        "loss_err",
+        "grad_rel_err",
     ]
     return table[columns + ["status"]]
 
@@ -246,12 +276,17 @@ def _format_row(row: dict) -> str:
     )
 
 
+def _errors(row) -> str:
+    """'loss error, relative gradient error' of a reduced-precision row; blank elsewhere."""
+    return "" if pd.isna(row.loss_err) else f"{row.loss_err:.1e}, {row.grad_rel_err:.1e}"
+
+
 def format_table(df: pd.DataFrame) -> str:
     """Markdown table; ratios are relative to our Smooth-AP at the same batch size."""
     lines = [
         "| B | loss | fwd+bwd ms (fastest) | median ms | passes | peak MB "
-        "| time / ours | peak / ours | Gsigmoid/s | status |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| time / ours | peak / ours | Gsigmoid/s | loss, grad error vs fp32 | status |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
 
     def num(value: float, digits: int) -> str:
@@ -262,6 +297,6 @@ def format_table(df: pd.DataFrame) -> str:
             f"| {row.batch_size} | {row.loss} | {num(row.time_ms, 2)} | {num(row.median_ms, 2)} | "
             f"{num(row.passes, 0)} | {num(row.peak_mb, 1)} | "
             f"{num(row.time_x_ours, 1)} | {num(row.peak_x_ours, 1)} | {num(row.gsig_per_s, 1)} | "
-            f"{row.status} |"
+            f"{_errors(row)} | {row.status} |"
         )
     return "\n".join(lines)

@@ -16,7 +16,14 @@ REGISTERED = available_losses()  # collected at import: a new file in losses/ is
 # The defaults of the six losses before they moved into the signatures (each module's DEFAULTS dict, and
 # smooth_ap's chunk_elements from its signature): every published number was computed with these.
 PREVIOUS_DEFAULTS = {
-    "smooth_ap": {"temperature": 0.01, "include_self": False, "chunk_elements": 2**22},
+    # backend and tf32 choose how, not what, it computes: `auto` is the torch path on a CPU, TF32 off
+    "smooth_ap": {
+        "temperature": 0.01,
+        "include_self": False,
+        "chunk_elements": 2**22,
+        "backend": "auto",
+        "tf32": False,
+    },
     "triplet": {"margin": 0.1, "miner": "semihard"},
     "contrastive": {"pos_margin": 0.0, "neg_margin": 1.0},
     "multi_similarity": {"alpha": 2.0, "beta": 50.0, "base": 0.5, "epsilon": 0.1},

@@ -165,3 +165,20 @@ def test_rejects_bad_input():
         SmoothAP(temperature=0.0)
     with pytest.raises(ValueError, match="embeddings"):
         SmoothAP()(torch.randn(4, 3), torch.arange(5))
+
+
+def test_tf32_products_are_scoped_to_the_loss():
+    from losses.smooth_ap import cuda_matmul_precision
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    with cuda_matmul_precision(True):
+        assert matmul.fp32_precision == "tf32"
+    assert matmul.fp32_precision == before
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(16, 8, generator=gen), dim=1)
+    labels = torch.arange(16) % 4
+    values = [SmoothAP(tf32=tf32)(emb.clone().requires_grad_(), labels) for tf32 in (False, True)]
+    assert values[0].item() == values[1].item()  # TF32 is a CUDA setting: nothing changes on a CPU
+    values[1].backward()
+    assert matmul.fp32_precision == before  # the backward's product restores it too
