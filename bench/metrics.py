@@ -21,6 +21,8 @@ Conventions, chosen so that ``recall_at_1`` equals pytorch-metric-learning's ``p
 * Ties: items are ranked by similarity (as computed in float32), descending, then by gallery index, ascending.
   Both backends implement this exactly, whatever order faiss returns tied items in.
 * A k larger than the number of candidates means "all candidates".
+* The search runs where the embeddings are: CUDA tensors on the GPU (faiss's GPU index with faiss-gpu, else
+  the chunked torch search), numpy arrays and CPU tensors on the CPU; see ``search_engine``.
 Clustering metrics live beside these, in bench.clustering.
 """
 
@@ -39,6 +41,7 @@ except ImportError:  # faiss is a dependency, but the torch backend must work wi
     faiss = None
 
 Backend = Literal["auto", "faiss", "torch"]
+Engine = Literal["torch", "faiss-cpu", "faiss-gpu"]  # what a backend resolves to (torch: where the data is)
 ArrayLike = np.ndarray | torch.Tensor
 
 _BUDGET_BYTES = 512 * 2**20  # working memory per query chunk
@@ -128,26 +131,26 @@ class _TorchSearcher:
 
 
 class _FaissSearcher:
-    """faiss IndexFlatIP (on GPU when faiss has GPUs), with the tie rule restored afterwards.
+    """faiss IndexFlatIP (on every GPU faiss sees when `on_gpu`), with the tie rule restored afterwards.
 
     faiss returns the exact top-k values but any subset of the items tied at the k-th value, in any order.
     One extra neighbour tells whether a tie crosses the cut; rows where it does are recomputed by the torch
     searcher.
     """
 
-    def __init__(self, gallery: torch.Tensor):
+    def __init__(self, gallery: torch.Tensor, on_gpu: bool):
         self.n = len(gallery)
         self.device = torch.device("cpu")  # where results come back
         gallery_cpu = gallery.cpu()
         index = faiss.IndexFlatIP(gallery_cpu.shape[1])
-        self.on_gpu = faiss.get_num_gpus() > 0
-        if self.on_gpu:
+        self.on_gpu = on_gpu
+        if on_gpu:
             index = faiss.index_cpu_to_all_gpus(index)
         index.add(gallery_cpu.numpy())
         self.index = index
-        # ties across the cut, and k beyond what a faiss GPU index selects, are done by torch, on a GPU if any
-        on_cuda = self.on_gpu and torch.cuda.is_available()
-        self.exact = _TorchSearcher(gallery.to("cuda") if on_cuda else gallery_cpu)
+        # ties across the cut, and k beyond what a faiss GPU index selects, are done by torch where the
+        # embeddings live
+        self.exact = _TorchSearcher(gallery)
 
     def search(
         self, query: torch.Tensor, k: int, self_ids: torch.Tensor | None
@@ -189,18 +192,33 @@ def _drop_self(
 _Searcher = _TorchSearcher | _FaissSearcher
 
 
-def _make_searcher(gallery: torch.Tensor, backend: Backend) -> _Searcher:
-    """auto: faiss when installed, unless the embeddings are on a GPU that faiss cannot use."""
+def search_engine(backend: Backend, on_cuda: bool) -> Engine:
+    """What searches embeddings that live on a CUDA device (`on_cuda`) or on the CPU.
+
+    The search runs where the embeddings are, so `--device` decides for faiss as it does for torch:
+    CUDA embeddings go to faiss's GPU index when faiss has GPUs (faiss-gpu), CPU embeddings to its CPU index
+    even then. auto takes faiss when it is installed, unless the embeddings are on a GPU that faiss cannot
+    use: then the chunked torch search runs on that GPU. An explicit 'faiss' without faiss GPUs searches CUDA
+    embeddings on the CPU.
+    """
     if backend not in ("auto", "faiss", "torch"):
         raise ValueError(f"backend: expected 'auto', 'faiss' or 'torch', got {backend!r}")
     if backend == "faiss" and faiss is None:
         raise ImportError(
             "backend='faiss' but faiss is not installed (pip install faiss-cpu), or use backend='torch'"
         )
-    use_faiss = backend == "faiss" or (
-        backend == "auto" and faiss is not None and (not gallery.is_cuda or faiss.get_num_gpus() > 0)
-    )
-    return _FaissSearcher(gallery) if use_faiss else _TorchSearcher(gallery)
+    if backend == "torch" or faiss is None:
+        return "torch"
+    if on_cuda and faiss.get_num_gpus() > 0:
+        return "faiss-gpu"
+    if backend == "auto" and on_cuda:
+        return "torch"
+    return "faiss-cpu"
+
+
+def _make_searcher(gallery: torch.Tensor, backend: Backend) -> _Searcher:
+    engine = search_engine(backend, gallery.is_cuda)
+    return _TorchSearcher(gallery) if engine == "torch" else _FaissSearcher(gallery, engine == "faiss-gpu")
 
 
 def _chunk_rows(searcher: _Searcher, n_gallery: int, k: int, chunk_size: int | None) -> int:
@@ -229,7 +247,7 @@ def knn(
 
     `gallery=None` searches the queries themselves. `exclude_self=True` means query i is gallery item i (the
     queries are the first rows of the gallery) and must not retrieve itself. Rows are ordered by the module's
-    tie rule. Results are on the CPU, except with backend='torch' on CUDA tensors.
+    tie rule. Results are on the CPU, except when torch searches CUDA tensors (see `search_engine`).
     """
     q = as_embeddings(query, "query")
     g = q if gallery is None else as_embeddings(gallery, "gallery")

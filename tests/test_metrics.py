@@ -8,8 +8,15 @@ import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
 import bench.metrics as metrics_module
-from bench.benchmarks.eval_bench import SHARED_METRICS, class_sizes, format_table, run_eval_bench
-from bench.metrics import knn, retrieval_metrics
+from bench.benchmarks.eval_bench import (
+    SHARED_METRICS,
+    Placement,
+    class_sizes,
+    format_table,
+    parse_placements,
+    run_eval_bench,
+)
+from bench.metrics import knn, retrieval_metrics, search_engine
 from tests.helpers import clustered
 
 BACKENDS = ["faiss", "torch"]
@@ -242,6 +249,39 @@ def test_without_faiss_auto_falls_back_to_torch(monkeypatch):
 
 
 @pytest.mark.parametrize(
+    ("backend", "on_cuda", "faiss_gpus", "engine"),
+    [
+        ("auto", False, 0, "faiss-cpu"),
+        ("auto", False, 1, "faiss-cpu"),  # CPU embeddings are searched on the CPU, faiss-gpu or not
+        ("auto", True, 0, "torch"),  # CUDA embeddings without faiss-gpu: the torch search, on that GPU
+        ("auto", True, 1, "faiss-gpu"),
+        ("faiss", False, 1, "faiss-cpu"),
+        ("faiss", True, 0, "faiss-cpu"),  # asked for faiss, which has no GPU: faiss on the CPU
+        ("faiss", True, 1, "faiss-gpu"),
+        ("torch", False, 1, "torch"),
+        ("torch", True, 1, "torch"),
+    ],
+)
+def test_the_search_runs_where_the_embeddings_are(monkeypatch, backend, on_cuda, faiss_gpus, engine):
+    monkeypatch.setattr(metrics_module.faiss, "get_num_gpus", lambda: faiss_gpus)
+    assert search_engine(backend, on_cuda) == engine
+
+
+def test_cpu_embeddings_never_go_to_a_faiss_gpu(monkeypatch):
+    def no_gpu_index(index):
+        raise AssertionError("CPU embeddings were sent to a faiss GPU index")
+
+    monkeypatch.setattr(metrics_module.faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(metrics_module.faiss, "index_cpu_to_all_gpus", no_gpu_index)
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 10, size=80)
+    x = clustered(rng, y, 8)
+    for data in (x, torch.from_numpy(x)):
+        got = retrieval_metrics(data, y, backend="faiss")
+        assert got == pytest.approx(brute_force(x, y, ks=(1, 2, 4, 8)), abs=1e-12)
+
+
+@pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
         ({"query_emb": np.zeros((3, 2, 1))}, ValueError, "query_emb: expected shape"),
@@ -281,8 +321,34 @@ def test_sop_like_class_sizes():
 
 
 def test_eval_bench_agrees_with_pml_on_a_small_set():
-    result = run_eval_bench(n=600, dim=32, n_classes=110, isolate=False)
-    assert len(result["table"]) == 3  # ours, PML with an inner-product index, PML with its default L2 index
-    assert result["max_abs_diff"]["ip"] == pytest.approx(dict.fromkeys(SHARED_METRICS, 0.0), abs=1e-12)
-    assert set(result["speed_ratio"]) == {"ip", "l2"}
-    assert "speed ratio" in format_table(result)
+    result = run_eval_bench(n=600, dim=32, n_classes=110, backend="faiss,torch", isolate=False)
+    # ours at each placement, PML with an inner-product index, PML with its default L2 index
+    assert list(result["table"]["search"]) == ["faiss-cpu", "torch", "faiss-cpu", "faiss-cpu"]
+    for placement in ("faiss@cpu", "torch@cpu"):
+        zeros = dict.fromkeys(SHARED_METRICS, 0.0)
+        assert result["max_abs_diff"][placement]["ip"] == pytest.approx(zeros, abs=1e-12)
+        assert set(result["speed_ratio"][placement]) == {"ip", "l2"}
+    assert result["speed_up"]["faiss@cpu"] == 1.0
+    table = format_table(result)
+    assert "ours torch@cpu: " in table and "the speed of ours faiss@cpu" in table and "speed ratio" in table
+
+
+def test_placements_parse_and_name_what_is_wrong():
+    assert parse_placements("faiss@cpu,torch@cuda, auto") == [
+        Placement("faiss", "cpu"),
+        Placement("torch", "cuda"),
+        Placement("auto", "cpu"),
+    ]
+    for text, match in [
+        ("annoy", "got 'annoy'"),
+        ("torch@tpu", "got 'torch@tpu'"),
+        ("torch,torch@cpu", "names a placement twice"),
+    ]:
+        with pytest.raises(ValueError, match=rf"--backend: .*{match}"):
+            parse_placements(text)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_eval_bench_on_cuda_without_a_gpu_fails_before_any_work():
+    with pytest.raises(ValueError, match=r"--backend torch@cuda: no CUDA device is available"):
+        run_eval_bench(n=600, dim=32, n_classes=110, backend="faiss,torch@cuda", isolate=False)

@@ -7,6 +7,10 @@ Each evaluation runs in a fresh process, so that one's freed memory cannot hide 
 PML runs twice: with an inner-product faiss index (our similarity, so any difference is in the metric code)
 and with its default L2 index. On normalised embeddings L2 ranks like the inner product, up to float rounding:
 a near-tie that rounds the other way shows up as a difference of about 1/n in MAP@R.
+
+Ours can run at several placements, `BACKEND@DEVICE` (`--backend faiss@cpu,torch@cuda,faiss@cuda`): the
+embeddings live on DEVICE and the search runs there (faiss's GPU index needs faiss-gpu, the `gpu` extra), so
+the GPU paths are timed against faiss on the CPU in one run. PML always runs on the CPU.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import resource
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from multiprocessing import get_context
 
 import numpy as np
@@ -99,46 +104,122 @@ class _PeakRss:
 
 
 PML_KNN = {"ip": "faiss IndexFlatIP", "l2": "faiss IndexFlatL2, PML's default"}
+BACKENDS = ("auto", "faiss", "torch")
+DEVICES = ("cpu", "cuda")
 
 
-def _evaluate(
-    method: str, n: int, dim: int, n_classes: int, seed: int, backend: str, max_class_size: int
-) -> dict:
-    """One evaluation of fresh synthetic data by `method` ('ours', 'pml-ip', 'pml-l2'): metrics, seconds,
-    memory."""
+@dataclass(frozen=True)
+class Placement:
+    """Where our evaluation runs: a bench.metrics backend, and the device the embeddings live on (the search
+    runs there, see bench.metrics.search_engine)."""
+
+    backend: str
+    device: str
+
+    def __str__(self) -> str:
+        return f"{self.backend}@{self.device}"
+
+
+def parse_placements(text: str) -> list[Placement]:
+    """`--backend`: comma-separated `BACKEND[@DEVICE]`, e.g. `faiss@cpu,torch@cuda,faiss@cuda`; the device
+    defaults to cpu. The first is the reference that the others' speed-ups are given against."""
+    placements = []
+    for item in text.split(","):
+        backend, _, device = item.strip().partition("@")
+        placement = Placement(backend, device or "cpu")
+        if backend not in BACKENDS or placement.device not in DEVICES:
+            raise ValueError(
+                f"--backend: expected BACKEND[@DEVICE] items, BACKEND one of {', '.join(BACKENDS)}, "
+                f"DEVICE one of {', '.join(DEVICES)}; got {item!r}"
+            )
+        placements.append(placement)
+    if len(set(placements)) != len(placements):
+        raise ValueError(f"--backend: {text!r} names a placement twice")
+    return placements
+
+
+def _check_devices(placements: list[Placement]) -> None:
+    """Fail before any work when a placement asks for a GPU this machine does not have."""
+    if any(p.device == "cuda" for p in placements):
+        import torch
+
+        if not torch.cuda.is_available():
+            cuda = ", ".join(str(p) for p in placements if p.device == "cuda")
+            raise ValueError(f"--backend {cuda}: no CUDA device is available")
+
+
+def _ours(x: np.ndarray, labels: np.ndarray, placement: Placement) -> tuple[dict, float, str]:
+    """Our metrics of embeddings that already live on the placement's device: (metrics, seconds, engine).
+
+    On CUDA the upload and a small warm-up evaluation (CUDA context, cuBLAS, faiss GPU resources) stay outside
+    the timing, as in training, where the model has already used the GPU and evaluation starts from
+    embeddings on it.
+    """
+    import torch
+
+    from bench.metrics import retrieval_metrics, search_engine
+
+    embeddings = torch.from_numpy(x).to(placement.device)
+    if placement.device == "cuda":  # a few queries against the whole set: each finds itself, so R > 0
+        retrieval_metrics(
+            embeddings[:256], labels[:256], embeddings, labels, ks=(1,), backend=placement.backend
+        )
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    # the metrics come back as Python floats, so the GPU has finished when the clock stops
+    metrics = retrieval_metrics(embeddings, labels, ks=(1,), backend=placement.backend)
+    seconds = time.perf_counter() - start
+    return metrics, seconds, search_engine(placement.backend, embeddings.is_cuda)
+
+
+def _pml(x: np.ndarray, labels: np.ndarray, knn: str) -> tuple[dict, float, str]:
+    """PML's AccuracyCalculator on the CPU with a faiss `knn` ('ip' or 'l2') index: (metrics, seconds,
+    engine)."""
     import faiss
     import torch
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
     from pytorch_metric_learning.utils.inference import FaissKNN
 
-    from bench.metrics import retrieval_metrics
+    index = faiss.IndexFlatIP if knn == "ip" else faiss.IndexFlatL2
+    start = time.perf_counter()
+    # k="max_bin_count": the default k=None would rank the whole gallery (n x n indices, 29 GB for SOP)
+    calculator = AccuracyCalculator(
+        include=tuple(SHARED_METRICS.values()),
+        k="max_bin_count",
+        device=torch.device("cpu"),
+        knn_func=FaissKNN(index_init_fn=index),
+    )
+    metrics = calculator.get_accuracy(x, labels)
+    return metrics, time.perf_counter() - start, "faiss-cpu"
+
+
+def _evaluate(
+    method: str | Placement, n: int, dim: int, n_classes: int, seed: int, max_class_size: int
+) -> dict:
+    """One evaluation of fresh synthetic data, ours at a placement or PML's ('pml-ip', 'pml-l2'): metrics,
+    seconds, the search engine used, resident memory and, on CUDA, torch's peak GPU memory."""
+    import torch
 
     x, labels = synthetic_embeddings(n, dim, n_classes, seed, max_class_size)
     with _PeakRss() as rss:
-        start = time.perf_counter()
-        if method == "ours":
-            metrics = retrieval_metrics(x, labels, ks=(1,), backend=backend)
+        if isinstance(method, Placement):
+            metrics, seconds, engine = _ours(x, labels, method)
         else:
-            index = faiss.IndexFlatIP if method == "pml-ip" else faiss.IndexFlatL2
-            # k="max_bin_count": the default k=None would rank the whole gallery (n x n indices, 29 GB for
-            # SOP)
-            calculator = AccuracyCalculator(
-                include=tuple(SHARED_METRICS.values()),
-                k="max_bin_count",
-                device=torch.device("cpu"),
-                knn_func=FaissKNN(index_init_fn=index),
-            )
-            metrics = calculator.get_accuracy(x, labels)
-        seconds = time.perf_counter() - start
+            metrics, seconds, engine = _pml(x, labels, method.removeprefix("pml-"))
+    on_cuda = isinstance(method, Placement) and method.device == "cuda"
     extra = None if rss.start_mb is None else rss.peak_mb - rss.start_mb
     # the whole process's high-water mark, data generation and imports included (ru_maxrss is in KiB on Linux)
     max_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "metrics": metrics,
         "seconds": seconds,
+        "search": engine,
         "peak_rss_mb": rss.peak_mb,
         "extra_mb": extra,
         "max_rss_mb": max_rss_mb,
+        # torch's allocator only: a faiss GPU index's own memory is not counted
+        "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if on_cuda else None,
     }
 
 
@@ -158,8 +239,10 @@ def run_eval_bench(
     max_class_size: int = SOP_TEST["max_class_size"],
     isolate: bool = True,
 ) -> dict:
-    """Ours and PML's AccuracyCalculator on the same data; `isolate=False` runs both in this process
-    (tests)."""
+    """Ours at each placement of `backend` (see `parse_placements`) and PML's AccuracyCalculator on the same
+    data; `isolate=False` runs all in this process (tests)."""
+    placements = parse_placements(backend)
+    _check_devices(placements)
     setup = {
         "n": n,
         "dim": dim,
@@ -168,34 +251,46 @@ def run_eval_bench(
         "backend": backend,
         "max_class_size": max_class_size,
     }
-    args = (n, dim, n_classes, seed, backend, max_class_size)
-    ours = _run(isolate, "ours", *args)
+    data = (n, dim, n_classes, seed, max_class_size)
+    ours = {str(p): _run(isolate, p, *data) for p in placements}
     pml_version = importlib.metadata.version("pytorch-metric-learning")
-    rows = [_row("smoothap-bench", f"backend={backend}, inner product", ours, list(SHARED_METRICS))]
-    speed_ratio, max_abs_diff = {}, {}
-    for knn, description in PML_KNN.items():
-        theirs = _run(isolate, f"pml-{knn}", *args)
-        rows.append(
-            _row(f"pytorch-metric-learning {pml_version}", description, theirs, list(SHARED_METRICS.values()))
-        )
-        speed_ratio[knn] = theirs["seconds"] / ours["seconds"]  # > 1: ours is faster
-        max_abs_diff[knn] = {
-            k: abs(ours["metrics"][k] - theirs["metrics"][v]) for k, v in SHARED_METRICS.items()
-        }
+    rows = [
+        _row("smoothap-bench", f"{p}, inner product", result, list(SHARED_METRICS))
+        for p, result in ours.items()
+    ]
+    theirs = {knn: _run(isolate, f"pml-{knn}", *data) for knn in PML_KNN}
+    rows += [
+        _row(f"pytorch-metric-learning {pml_version}", PML_KNN[knn], result, list(SHARED_METRICS.values()))
+        for knn, result in theirs.items()
+    ]
+    reference = ours[str(placements[0])]["seconds"]
     return {
         "setup": setup,
         "table": pd.DataFrame(rows),
-        "speed_ratio": speed_ratio,
-        "max_abs_diff": max_abs_diff,
+        # > 1: ours is faster
+        "speed_ratio": {
+            p: {k: t["seconds"] / o["seconds"] for k, t in theirs.items()} for p, o in ours.items()
+        },
+        "speed_up": {p: reference / o["seconds"] for p, o in ours.items()},  # against the first placement
+        "max_abs_diff": {
+            p: {knn: _differences(o["metrics"], t["metrics"]) for knn, t in theirs.items()}
+            for p, o in ours.items()
+        },
     }
+
+
+def _differences(ours: dict, theirs: dict) -> dict[str, float]:
+    return {k: abs(ours[k] - theirs[v]) for k, v in SHARED_METRICS.items()}
 
 
 def _row(name: str, knn: str, result: dict, keys: list[str]) -> dict:
     row = {
         "implementation": name,
         "knn": knn,
+        "search": result["search"],
         "seconds": result["seconds"],
         "peak_extra_mb": result["extra_mb"],
+        "gpu_peak_mb": result["gpu_peak_mb"],
     }
     row.update({ours: result["metrics"][key] for ours, key in zip(SHARED_METRICS, keys, strict=True)})
     return row
@@ -209,25 +304,34 @@ def run_memory_check(
     backend: str = "auto",
     max_class_size: int = INATURALIST_TEST["max_class_size"],
 ) -> dict:
-    """Our evaluation alone at iNaturalist test size, in a fresh process: time and peak resident memory."""
-    result = _run(True, "ours", n, dim, n_classes, seed, backend, max_class_size)
+    """Our evaluation alone at iNaturalist test size, each placement of `backend` in a fresh process: time,
+    peak resident memory and, on CUDA, torch's peak GPU memory."""
+    placements = parse_placements(backend)
+    _check_devices(placements)
+    data = (n, dim, n_classes, seed, max_class_size)
+    runs = {str(p): _run(True, p, *data) for p in placements}
     _, labels = synthetic_embeddings(n, 1, n_classes, seed, max_class_size)
-    result["largest_class"] = int(np.bincount(labels).max())
-    return result
+    return {"largest_class": int(np.bincount(labels).max()), "runs": runs}
 
 
 def format_table(result: dict) -> str:
-    """The comparison as a plain-text table plus speed-ratio and agreement lines per PML variant."""
+    """The comparison as a plain-text table plus, per placement of ours, its speed-up over the first and
+    its speed ratio and agreement per PML variant."""
     s = result["setup"]
     lines = [
         f"bench eval: {s['n']:,} x {s['dim']} random normalised embeddings, {s['n_classes']:,} classes "
         f"(seed {s['seed']}, backend {s['backend']}), leave-one-out",
         result["table"].to_string(index=False, float_format=lambda v: f"{v:.6f}"),
     ]
-    for knn, description in PML_KNN.items():
-        diffs = ", ".join(f"{key} {value:.1e}" for key, value in result["max_abs_diff"][knn].items())
-        lines.append(
-            f"vs PML with {description}: speed ratio (PML s / ours) {result['speed_ratio'][knn]:.2f}; "
-            f"|ours - PML|: {diffs}"
-        )
+    first = next(iter(result["speed_up"]))
+    for placement, speed_up in result["speed_up"].items():
+        if placement != first:
+            lines.append(f"ours {placement}: {speed_up:.2f}x the speed of ours {first}")
+    for placement, diffs_by_knn in result["max_abs_diff"].items():
+        for knn, description in PML_KNN.items():
+            diffs = ", ".join(f"{key} {value:.1e}" for key, value in diffs_by_knn[knn].items())
+            lines.append(
+                f"ours {placement} vs PML with {description}: speed ratio (PML s / ours) "
+                f"{result['speed_ratio'][placement][knn]:.2f}; |ours - PML|: {diffs}"
+            )
     return "\n".join(lines)

@@ -346,11 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation.add_argument("--classes", type=int, default=11316, help="classes (default: 11,316)")
     evaluation.add_argument("--dim", type=int, default=512)
-    evaluation.add_argument("--backend", default="auto", choices=["auto", "faiss", "torch"])
+    evaluation.add_argument(
+        "--backend",
+        default="auto",
+        metavar="BACKEND[@DEVICE],...",
+        help="where ours runs, one row each: BACKEND auto, faiss or torch; DEVICE cpu (default) or cuda, "
+        "where the embeddings live and the search runs (faiss on cuda needs the gpu extra); the first is the "
+        "reference for speed-ups, e.g. faiss@cpu,torch@cuda,faiss@cuda (default: auto)",
+    )
     evaluation.add_argument(
         "--memory-check",
         action="store_true",
-        help="also evaluate 136,093 x 512 (iNaturalist's test size) and report peak memory",
+        help="also evaluate 136,093 x 512 (iNaturalist's test size) at each placement and report peak memory",
     )
     evaluation.set_defaults(handler=handlers.cmd_bench_eval)
     data_bench = bench_commands.add_parser(
