@@ -28,14 +28,30 @@ class LabeledDataset(Protocol):
     def __getitem__(self, index: int) -> tuple: ...
 
 
+Draw = tuple[np.ndarray, np.ndarray]  # (query indices, gallery indices) into one evaluation set
+
+
 @dataclass
 class EvalSplit:
-    """One retrieval evaluation. `gallery is None` means leave-one-out within `query`."""
+    """One retrieval evaluation. `gallery is None` means leave-one-out within `query`, unless `draws` is set.
+
+    `draws` holds several query/gallery partitions of `query` (then the whole evaluation set), as index pairs
+    into it: the set is embedded once, each draw is scored query -> gallery, and the split reports the mean
+    over the draws (VehicleID's gallery protocol), since embedding is the expensive part.
+    """
 
     name: str  # metric prefix: "val", "test", "test_small", ...
     query: LabeledDataset
     gallery: LabeledDataset | None = None
     ks: tuple[int, ...] = (1, 2, 4, 8)
+    draws: list[Draw] | None = None
+
+    def __post_init__(self) -> None:
+        if self.draws is not None and (self.gallery is not None or not self.draws):
+            raise ValueError(
+                f"EvalSplit {self.name!r}: draws needs gallery=None (the draws index into query) and at "
+                f"least one draw, got gallery={type(self.gallery).__name__} and {len(self.draws)} draws"
+            )
 
 
 @dataclass

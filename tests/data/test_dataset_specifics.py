@@ -1,12 +1,11 @@
 """Per-dataset details: headers and count lines, the Cars196 .mat fields, In-Shop's shared query/gallery
-labels, VehicleID's protocols, the published-count policy, the folder dataset's val and CSV modes, transforms,
-`data check` and the data benchmark."""
+labels, VehicleID's retrieval protocol, the published-count policy, the folder dataset's val and CSV modes,
+transforms, `data check` and the data benchmark."""
 
 from __future__ import annotations
 
 import re
 
-import numpy as np
 import pytest
 import torch
 from dataset_trees import (
@@ -126,24 +125,12 @@ def test_cub_label_of_unknown_class_is_named(tmp_path):
         load(tree)
 
 
-def test_vehicleid_gallery_protocol_is_seeded_one_image_per_vehicle(tmp_path):
+def test_vehicleid_retrieval_protocol_is_leave_one_out_per_test_list(tmp_path):
+    # the gallery protocol's draws are tested in test_vehicleid_draws.py
     tree = vehicleid_tree(tmp_path)
     retrieval = load(tree)
     assert [s.name for s in retrieval.tests] == ["test_small", "test_medium", "test"]
-    assert all(s.gallery is None for s in retrieval.tests)
-    first = load(tree, options={"protocol": "gallery", "seed": 3}).tests
-    again = load(tree, options={"protocol": "gallery", "seed": 3}).tests
-    for split, repeat, whole in zip(first, again, retrieval.tests, strict=True):
-        assert split.gallery.paths == repeat.gallery.paths
-        gallery_ids = split.gallery.class_ids.tolist()
-        assert sorted(gallery_ids) == sorted(set(whole.query.class_ids.tolist()))  # one image per vehicle
-        assert sorted(split.query.paths + split.gallery.paths) == sorted(whole.query.paths)
-        assert np.array_equal(split.query.classes, split.gallery.classes)
-    draws = {
-        tuple(load(tree, options={"protocol": "gallery", "seed": s}).tests[-1].gallery.paths)
-        for s in range(8)
-    }
-    assert len(draws) > 1, "the seed does not change the draw"
+    assert all(s.gallery is None and s.draws is None for s in retrieval.tests)
     with pytest.raises(DatasetError, match="protocol must be one of"):
         load(tree, options={"protocol": "reid"})
 
