@@ -36,6 +36,7 @@ class DataConfig:
     num_workers: int = 0
     skip_bad_images: bool = False
     augment: bool = True
+    decode: Literal["cpu", "gpu"] = "cpu"  # image files decoded and augmented in loader workers or on the GPU
     options: dict[str, Any] = field(default_factory=dict)  # dataset-specific settings
 
 

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from bench.clustering import clustering_metrics
 from bench.config import EvalConfig
 from bench.data import Draw, EvalSplit, LabeledDataset
+from bench.data.device_decode import loader_source
 from bench.metrics import Backend, retrieval_metrics
 
 DRAW_STD = "_draw_std"  # `<split>_draw_std/<metric>`: not under `<split>/`, which reports read as metrics
@@ -34,7 +35,7 @@ def embed_tensor(
     was_training = model.training
     model.eval()
     loader = DataLoader(
-        dataset,
+        **loader_source(dataset),  # data.decode: gpu hands over file bytes, decoded on the device
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,

@@ -4,18 +4,26 @@ Labels are the class ids mapped to 0..C-1 in sorted id order; `classes[label]` g
 reports. A file that cannot be decoded raises a :class:`DatasetError` naming it, unless `skip_bad_images` is
 set: then another image of the same class stands in (so labels and the P x K sampler stay valid), the file is
 logged once, and `skipped` counts it across DataLoader worker processes.
+
+`decode` says where the loaders decode: "cpu" (item access, in the workers) or "gpu" (the loaders take the
+file bytes from `encoded` and decode on the device, `bench.data.device_decode`). Item access always decodes
+with PIL, so code that looks at a single image works either way.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.io import read_file
 
 from bench.data import DatasetError
 
@@ -24,6 +32,14 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # what PIL raises for missing, truncated or garbage files (UnidentifiedImageError is an OSError)
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+_TORCHVISION_SOURCE = re.compile(
+    r"^\w+, \S+:\d+, "
+)  # "decode_jpeg, .../decode_jpeg.cpp:171, " before the reason
+
+
+def io_error_text(error: RuntimeError) -> str:
+    """The reason in a torchvision.io error, without the C++ source location it starts with."""
+    return _TORCHVISION_SOURCE.sub("", str(error))
 
 
 def load_rgb(path: str | Path) -> Image.Image:
@@ -50,6 +66,7 @@ class ImageList(Dataset):
         self.classes = classes
         self.transform = transform
         self.skip_bad_images = skip_bad_images
+        self.decode: Literal["cpu", "gpu"] = "cpu"  # set for a run by device_decode.set_decode
         self._skipped = multiprocessing.Value("q", 0)
         self._bad: set[int] = set()
 
@@ -71,6 +88,13 @@ class ImageList(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.labels[index])
+
+    def encoded(self, index: int) -> tuple[torch.Tensor, int]:
+        """The file's bytes (uint8, 1-D) and the label, for decoding on the device."""
+        try:
+            return read_file(self.paths[index]), int(self.labels[index])
+        except RuntimeError as error:
+            raise DatasetError(f"cannot read image {self.paths[index]}: {io_error_text(error)}") from error
 
     def _decode(self, index: int) -> Image.Image:
         try:
@@ -119,6 +143,7 @@ class ImageList(Dataset):
             self.transform if transform is None else transform,
             self.skip_bad_images,
         )
+        child.decode = self.decode
         if not relabel:
             child.classes = self.classes
             child.labels = self.labels[indices].copy()

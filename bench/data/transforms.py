@@ -4,6 +4,10 @@ Train: RandomResizedCrop(S) + horizontal flip. Test: Resize(256/224 * S) + Cente
 the usual Resize(256) + CenterCrop(224). Both end in ImageNet normalisation, because the backbones are
 ImageNet-pretrained. Geometric ops run on the PIL image (cheaper than on a decoded full-size tensor);
 conversion to float comes last.
+
+Each transform is two stages, geometry then conversion (see `stages`): with `data.decode: gpu` the device
+path (`bench.data.device_decode`) runs the same geometry object per image on the device and the conversion
+once on the stacked batch, so both paths draw the same crops from the same seeds.
 """
 
 from __future__ import annotations
@@ -21,14 +25,12 @@ def _to_normalised_tensor() -> list[v2.Transform]:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
 
+def _two_stages(geometry: list[v2.Transform]) -> v2.Compose:
+    return v2.Compose([v2.Compose(geometry), v2.Compose(_to_normalised_tensor())])
+
+
 def train_transform(image_size: int) -> v2.Compose:
-    return v2.Compose(
-        [
-            v2.RandomResizedCrop(image_size, antialias=True),
-            v2.RandomHorizontalFlip(),
-            *_to_normalised_tensor(),
-        ]
-    )
+    return _two_stages([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()])
 
 
 def resize_side(image_size: int) -> int:
@@ -37,13 +39,19 @@ def resize_side(image_size: int) -> int:
 
 
 def test_transform(image_size: int) -> v2.Compose:
-    return v2.Compose(
-        [
-            v2.Resize(resize_side(image_size), antialias=True),
-            v2.CenterCrop(image_size),
-            *_to_normalised_tensor(),
-        ]
-    )
+    return _two_stages([v2.Resize(resize_side(image_size), antialias=True), v2.CenterCrop(image_size)])
+
+
+def stages(transform: v2.Compose) -> tuple[v2.Compose, v2.Compose]:
+    """(geometry, conversion to a normalised float tensor) of a transform made here; anything else fails
+    naming it, since the device path cannot tell where its per-image part ends."""
+    parts = getattr(transform, "transforms", None)
+    if not (isinstance(parts, list) and len(parts) == 2 and all(isinstance(p, v2.Compose) for p in parts)):
+        raise TypeError(
+            f"data.decode: gpu runs the two-stage transforms of bench.data.transforms (geometry, then "
+            f"conversion); got {transform!r}"
+        )
+    return parts[0], parts[1]
 
 
 def make_transforms(config: DataConfig) -> tuple[v2.Compose, v2.Compose]:

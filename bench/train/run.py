@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader
 import losses
 from bench.config import ConfigError, Experiment, experiment_from_dict
 from bench.data import DatasetBundle, load_dataset
+from bench.data.device_decode import check_decode_device, loader_source, set_decode
 from bench.data.samplers import PKSampler, RankShare
-from bench.data.seeding import SeededBatches, SeededSamples
+from bench.data.seeding import SeededBatches
 from bench.device import resolve_device
 from bench.models import build_model, parameter_groups
 from bench.train.checkpoint import (
@@ -82,6 +83,7 @@ def train_and_evaluate(
     main = dist is None or dist.is_main
     tracker = tracker if main else None
     dev = dist.device if dist is not None else resolve_device(device)
+    check_decode_device(exp.data.decode, dev)
     torch.use_deterministic_algorithms(dev.type == "cpu", warn_only=True)
     torch.backends.cudnn.benchmark = dev.type == "cuda"
     start = resume if isinstance(resume, StartingPoint) else starting_point(exp, resume)
@@ -199,6 +201,7 @@ def build_trainer(
     """Model, optimizer, schedule, the P x K loader, the step and the cross-batch memory of `exp`, seeded by
     `train.seed`; and the input channels. Under torchrun (`dist`) the model is wrapped in DDP and the loader
     gives this rank's share of each global batch."""
+    set_decode(bundle, exp.data.decode)
     sample_image, _ = bundle.train[0]
     in_channels = int(sample_image.shape[0])
     model = build_model(exp.model, in_channels, exp.train.seed).to(dev)
@@ -228,7 +231,7 @@ def build_trainer(
     if dist is not None:  # the rank's share of the global batch, each image with its single-process seed
         batches = RankShare(sampler, dist.rank, dist.world_size, batches)
     loader = DataLoader(  # per-sample augmentation seeds: the same batches with or without workers
-        SeededSamples(bundle.train),
+        **loader_source(bundle.train, seeded=True),  # data.decode: gpu hands over file bytes
         batch_sampler=batches,
         num_workers=exp.data.num_workers,
         pin_memory=dev.type == "cuda",

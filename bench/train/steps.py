@@ -143,6 +143,8 @@ class CachedStep:
 
 
 def to_device(trainer: Trainer, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The batch on the trainer's device; an EncodedBatch (`data.decode: gpu`) is decoded and augmented there
+    by its `.to` (`bench.data.device_decode`)."""
     dev = trainer.device
     images = images.to(dev, non_blocking=True)
     labels = labels.to(dev, non_blocking=True)
