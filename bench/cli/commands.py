@@ -417,6 +417,12 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         device=resolve_device(args.device).type,
         threads=args.threads,
         timeout_s=args.timeout,
+        decodes=args.decode,
+        modes=args.modes,
+        jpeg_images=args.jpeg_images,
+        jpeg_side=args.jpeg_side,
+        workers=args.workers,
+        amp=args.precision == "bf16",
     )
     print(format_table(table))
     return 0

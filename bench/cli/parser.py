@@ -380,14 +380,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_train_bench(bench_commands) -> None:
-    """`bench train`: the plain and the gradient-cached training step side by side, over process counts."""
+    """`bench train`: the plain and the gradient-cached training step side by side, over process counts and
+    inputs (in memory, JPEGs decoded on the CPU or on the GPU)."""
+
+    def names(*choices: str):
+        def parse(text: str) -> tuple[str, ...]:
+            picked = tuple(text.split(","))
+            if not set(picked) <= set(choices):
+                raise argparse.ArgumentTypeError(f"expected some of {','.join(choices)}, got {text!r}")
+            return picked
+
+        return parse
+
     train = bench_commands.add_parser(
         "train",
-        help="images/s and peak memory of training steps, plain and chunked, on 1..N processes",
-        description="Time training steps of a backbone on a synthetic P x K batch, the plain step and the "
-        "gradient-cached one side by side, each case in a fresh torchrun launch (one process, or N with "
-        "--nproc, training as `torchrun -m bench train` does). Reports images/s, rank 0's peak memory, "
-        "chunked / plain peak memory and N / 1 process images/s.",
+        help="images/s, its split and peak memory of training steps, plain and chunked, on 1..N processes",
+        description="Time training steps of a backbone on a synthetic P x K batch in memory or on JPEG files "
+        "through the training DataLoader, the plain step and the gradient-cached one side by side, each case "
+        "in a fresh torchrun launch (one process, or N with --nproc, training as `torchrun -m bench train` "
+        "does). Reports images/s, the step split into data wait, to device, forward, loss, backward and "
+        "optimizer, rank 0's peak memory, chunked / plain peak memory and N / 1 process images/s. The "
+        "paper's recipe: --backbone resnet50 --image-size 224 --batch-size 384 --samples-per-class 4 "
+        "--precision bf16 (see bench/benchmarks/train_bench.py for the full command).",
     )
     train.add_argument("--backbone", default="resnet18", help="model.backbone (default: resnet18)")
     train.add_argument("--image-size", type=int, default=64, help="side of the images (default: 64)")
@@ -416,4 +430,34 @@ def add_train_bench(bench_commands) -> None:
     )
     train.add_argument("--timeout", type=float, default=1800.0, help="seconds per case (default: 1800)")
     train.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    train.add_argument(
+        "--decode",
+        type=names("memory", "cpu", "gpu"),
+        default=("memory",),
+        help="comma-separated inputs, one row each: memory (a random batch already in memory), cpu or gpu "
+        "(synthetic JPEGs through the DataLoader, data.decode cpu or gpu) (default: memory)",
+    )
+    train.add_argument(
+        "--jpeg-images", type=int, default=512, help="distinct JPEG files for cpu and gpu (default: 512)"
+    )
+    train.add_argument(
+        "--jpeg-side", type=int, default=500, help="JPEG width; height is 3/4 of it (default: 500)"
+    )
+    train.add_argument(
+        "--workers",
+        type=int,
+        help="DataLoader workers shared out among a case's processes (default: all cores)",
+    )
+    train.add_argument(
+        "--modes",
+        type=names("plain", "chunked"),
+        default=("plain", "chunked"),
+        help="comma-separated steps to time: plain, chunked (default: both)",
+    )
+    train.add_argument(
+        "--precision",
+        choices=["bf16", "fp32"],
+        default="bf16",
+        help="bf16 autocast (train.amp, CUDA only) or fp32 (default: bf16)",
+    )
     train.set_defaults(handler=handlers.cmd_bench_train)

@@ -1,14 +1,28 @@
 """`bench train`: each case trains with the step it names, images/s is the global batch over the step time,
-the ratios are taken against the right rows, and two processes launched through torchrun report a result."""
+the step's split adds up and puts each part where it belongs, JPEG inputs go through the run's loader (decoded
+on the CPU or, here on the CPU's stand-in, the device), the ratios are taken against the right rows, and two
+processes launched through torchrun report a result."""
 
 from __future__ import annotations
+
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from bench.benchmarks import train_bench
-from bench.benchmarks.train_bench import _measure_case, format_table, run_train_bench
+from bench.benchmarks.train_bench import (
+    PARTS,
+    StepClock,
+    _measure_case,
+    format_table,
+    run_train_bench,
+    write_jpegs,
+)
 from bench.cli import main
+from bench.cli.parser import build_parser
+from bench.config import ConfigError
 
 TINY = {
     "backbone": "convnet",
@@ -34,6 +48,91 @@ def test_a_case_times_the_step_it_names(chunk_size, step):
     assert result["fastest_s"] <= result["step_s"]
     assert result["images_per_s"] == pytest.approx(16 / result["step_s"])
     assert result["peak_mb"] >= 0
+    assert sum(result[part] for part in PARTS) == pytest.approx(result["step_s"])
+    assert min(result["forward_s"], result["loss_s"], result["backward_s"], result["optimizer_s"]) > 0
+
+
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_a_jpeg_case_loads_through_the_runs_loader(tmp_path, decode):
+    """Data wait is real loading; with decode gpu the decoding is part of the move to the device."""
+    write_jpegs(tmp_path, 6, side=40)
+    threads = torch.get_num_threads()
+    result = _measure_case(chunk_size=None, decode=decode, jpeg_dir=str(tmp_path), workers=0, **TINY)
+    torch.set_num_threads(threads)
+    assert result["step"] == "PlainStep" and result["data_s"] > 0
+    assert sum(result[part] for part in PARTS) == pytest.approx(result["step_s"])
+
+
+def test_the_clock_puts_each_part_of_a_step_where_it_belongs():
+    """A fake step with known durations: forward 0.12 s, loss 0.03 s, backward 0.06 s, optimizer 0.09 s."""
+
+    class Sleeps(torch.nn.Module):
+        def __init__(self, seconds: float) -> None:
+            super().__init__()
+            self.seconds = seconds
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, *inputs):
+            time.sleep(self.seconds)
+            return inputs[0]
+
+    class SlowSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            time.sleep(0.09)
+            return super().step(closure)
+
+    model, loss_fn = Sleeps(0.12), Sleeps(0.03)
+    optimizer = SlowSGD(model.parameters())
+
+    def step(trainer, images, labels):
+        loss_fn(model(images))
+        time.sleep(0.06)  # the backward pass
+        optimizer.step()
+
+    trainer = SimpleNamespace(forward_model=model, loss_fn=loss_fn, optimizer=optimizer, step=step)
+    clock = StepClock(trainer, torch.device("cpu"))
+    parts = clock.step(trainer, iter([(torch.zeros(1), torch.zeros(1))]))
+    clock.close()
+    for part, seconds in {"forward_s": 0.12, "loss_s": 0.03, "backward_s": 0.06, "optimizer_s": 0.09}.items():
+        assert seconds <= parts[part] < seconds + 0.08, (part, parts)  # sleeps never end early
+    assert parts["data_s"] < 0.05 and parts["to_device_s"] < 0.05
+    assert not model._forward_hooks and not loss_fn._forward_pre_hooks  # close() leaves the modules as found
+
+
+def test_decode_gpu_is_refused_on_a_cpu_before_any_launch(monkeypatch):
+    monkeypatch.setattr(train_bench, "_launch_case", pytest.fail)
+    with pytest.raises(ConfigError, match="data.decode: gpu .* device is cpu"):
+        run_train_bench(decodes=("memory", "gpu"), device="cpu", progress=False)
+
+
+def test_a_gpu_decode_case_runs_end_to_end_in_its_own_launch():
+    """The case arguments reach the launched process: JPEG folder, decode, workers (here on the CPU)."""
+    table = run_train_bench(
+        decodes=("gpu",),
+        modes=("plain",),
+        jpeg_images=4,
+        jpeg_side=40,
+        workers=1,
+        any_device=True,
+        progress=False,
+        **{k: v for k, v in TINY.items() if k != "threads"},
+    )
+    assert list(table["status"]) == ["ok"], table["status"].tolist()
+    assert list(table["decode"]) == ["gpu"] and table["data_s"].iloc[0] > 0
+    assert "| 1 | gpu | plain |  | 16 |" in format_table(table)
+
+
+def test_bench_train_flags_reach_the_paper_recipe():
+    args = build_parser().parse_args(
+        "bench train --backbone resnet50 --image-size 224 --batch-size 384 --samples-per-class 4 "
+        "--precision bf16 --modes plain --decode memory,cpu,gpu --jpeg-images 64 --workers 8".split()
+    )
+    recipe = (args.backbone, args.image_size, args.batch_size, args.samples_per_class)
+    assert recipe == ("resnet50", 224, 384, 4)
+    assert args.decode == ("memory", "cpu", "gpu") and args.modes == ("plain",) and args.precision == "bf16"
+    assert (args.jpeg_images, args.workers) == (64, 8)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "train", "--decode", "cpu,cuda"])
 
 
 def test_two_processes_launched_by_torchrun_report_both_steps_side_by_side():
@@ -42,41 +141,62 @@ def test_two_processes_launched_by_torchrun_report_both_steps_side_by_side():
     )
     assert list(table["status"]) == ["ok", "ok"], table["status"].tolist()
     assert list(table["mode"]) == ["plain", "chunked"] and list(table["step"]) == ["PlainStep", "CachedStep"]
+    assert list(table["decode"]) == ["memory", "memory"]
     assert (table["images_per_s"] * table["step_s"]).tolist() == pytest.approx([16, 16])
     plain, chunked = table.itertuples()
     assert plain.peak_x_plain == 1.0 and chunked.peak_x_plain == pytest.approx(
         chunked.peak_mb / plain.peak_mb
     )
     assert table["speed_x_1proc"].isna().all()  # no one-process row to compare with
-    assert "| 2 | chunked | 4 | 16 |" in format_table(table)
+    assert "| 2 | memory | chunked | 4 | 16 |" in format_table(table)
 
 
 def test_ratios_compare_the_right_rows(monkeypatch):
-    """Peak memory against the plain step at the same process count; images/s against one process."""
+    """Peak memory against the plain step at the same process count and input; images/s against one process
+    with the same step and input."""
     measured = {
         (1, None): {"step_s": 2.0, "peak_mb": 400.0},
         (1, 8): {"step_s": 4.0, "peak_mb": 100.0},
         (2, None): {"step_s": 1.0, "peak_mb": 300.0},
         (2, 8): {"step_s": 2.5, "peak_mb": 60.0},
     }
+    slower = {"memory": 1.0, "cpu": 2.0}  # the cpu input's steps take twice as long, its peaks twice as high
 
     def fake_launch(args, processes, timeout_s):
         row = measured[(processes, args["chunk_size"])]
-        return {
-            "status": "ok",
-            "step": "",
-            "fastest_s": row["step_s"],
-            "images_per_s": 32 / row["step_s"],
-            **row,
-        }
+        factor = slower[args["decode"]]
+        step_s, peak_mb = row["step_s"] * factor, row["peak_mb"] * factor
+        result = {"status": "ok", "step": "", "step_s": step_s, "fastest_s": step_s, "peak_mb": peak_mb}
+        return {**result, "images_per_s": 32 / step_s}
 
     monkeypatch.setattr(train_bench, "_launch_case", fake_launch)
-    table = run_train_bench(batch_size=32, chunk_size=8, processes=(1, 2), progress=False)
-    assert table["peak_x_plain"].tolist() == pytest.approx([1.0, 0.25, 1.0, 0.2])
-    assert table["speed_x_1proc"].tolist() == pytest.approx([1.0, 1.0, 2.0, 1.6])
+    inputs = ("memory", "cpu")
+    table = run_train_bench(
+        batch_size=32, chunk_size=8, processes=(1, 2), decodes=inputs, jpeg_images=1, progress=False
+    )
+    assert table["decode"].tolist() == ["memory", "memory", "cpu", "cpu"] * 2
+    assert table["peak_x_plain"].tolist() == pytest.approx([1.0, 0.25, 1.0, 0.25, 1.0, 0.2, 1.0, 0.2])
+    assert table["speed_x_1proc"].tolist() == pytest.approx([1.0, 1.0, 1.0, 1.0, 2.0, 1.6, 2.0, 1.6])
+    assert table["data_s"].isna().all()  # columns a case did not report stay empty
 
 
 def test_bench_train_under_torchrun_is_refused_with_the_way_forward(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["bench", "train", "--nproc", "1,2"]) == 2
     assert "run it without torchrun, with --nproc N" in capsys.readouterr().err
+
+
+def test_the_command_passes_its_input_flags_through(monkeypatch):
+    seen = {}
+
+    def fake_run(**kwargs):
+        seen.update(kwargs)
+        return None
+
+    monkeypatch.setattr(train_bench, "run_train_bench", fake_run)
+    monkeypatch.setattr(train_bench, "format_table", lambda table: "table")
+    argv = ["bench", "train", "--device", "cpu", "--decode", "cpu,gpu", "--modes", "plain"]
+    argv += ["--jpeg-images", "64", "--jpeg-side", "320", "--workers", "3", "--precision", "fp32"]
+    assert main(argv) == 0
+    assert seen["decodes"] == ("cpu", "gpu") and seen["modes"] == ("plain",)
+    assert (seen["jpeg_images"], seen["jpeg_side"], seen["workers"], seen["amp"]) == (64, 320, 3, False)
