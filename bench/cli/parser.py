@@ -10,6 +10,7 @@ import argparse
 
 from bench import layout
 from bench.cli import commands as handlers
+from bench.cli.bench_parser import add_data_bench, add_eval_bench, add_loss_bench, add_train_bench
 from bench.device import DEVICE_CHOICES
 from bench.pipeline import QUICK_EXPERIMENT, QUICK_OVERRIDES
 
@@ -102,14 +103,8 @@ def _worker_count(text: str) -> int:
     return int(text)
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line, one `add_<command>` per command."""
     parser = argparse.ArgumentParser(
         prog="smoothap-bench",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -118,7 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
         "on identical backbones, logged to MLflow.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_train(commands)
+    add_run(commands)
+    add_tune(commands)
+    add_ablate(commands)
+    add_report(commands)
+    add_grad(commands)
+    add_sync(commands)
+    add_data(commands)
+    add_bench(commands)
+    return parser
 
+
+def add_train(commands) -> None:
+    """`train`: one run of one loss."""
     train = commands.add_parser(
         "train",
         help="train and evaluate one loss, print its test metrics",
@@ -136,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(handler=handlers.cmd_train)
 
+
+def add_run(commands) -> None:
+    """`run`: the main job."""
     run = commands.add_parser(
         "run",
         help="the main job: tune all losses on equal budgets, final seeds, report (Omniglot by default)",
@@ -165,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="report folder (default: results/<experiment>/)")
     run.set_defaults(handler=handlers.cmd_run)
 
+
+def add_tune(commands) -> None:
+    """`tune`: a study per loss on an equal budget, then final seeds."""
     tune = commands.add_parser(
         "tune",
         help="Optuna study per loss on an equal budget, then final seeds",
@@ -199,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--widen", type=float, metavar="FACTOR", help=WIDEN_HELP)
     tune.set_defaults(handler=handlers.cmd_tune)
 
+
+def add_ablate(commands) -> None:
+    """`ablate`: a grid over one or two parameters x seeds."""
     ablation = commands.add_parser(
         "ablate",
         help="grid over one or two parameters x seeds, everything else fixed",
@@ -220,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ablation.set_defaults(handler=handlers.cmd_ablate)
 
+
+def add_report(commands) -> None:
+    """`report`: tables and figures from the stores."""
     report = commands.add_parser(
         "report",
         help="comparison tables and figures from the MLflow and Optuna stores",
@@ -247,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.set_defaults(handler=handlers.cmd_report)
 
+
+def add_grad(commands) -> None:
+    """`grad`: the gradient analysis."""
     grad = commands.add_parser(
         "grad",
         help="gradient analysis: sigmoid vs step, |dL/ds| by rank, gradient norms",
@@ -259,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     grad.add_argument("--seed", type=int, default=0, help="seed that draws the analysed batch (default: 0)")
     grad.set_defaults(handler=handlers.cmd_grad)
 
+
+def add_sync(commands) -> None:
+    """`sync`: upload what runs spooled during a tracking-server outage."""
     sync = commands.add_parser(
         "sync",
         help="send what runs kept while the MLflow server was unreachable",
@@ -273,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sync.set_defaults(handler=handlers.cmd_sync)
 
+
+def add_data(commands) -> None:
+    """`data check`: a dataset on disk against its published counts."""
     data = commands.add_parser("data", help="dataset tools: check a dataset on disk")
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     check = data_commands.add_parser(
@@ -290,174 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--no-decode", action="store_true", help="skip decoding every image (faster)")
     check.set_defaults(handler=handlers.cmd_data_check)
 
+
+def add_bench(commands) -> None:
+    """`bench ...`: speed and memory benchmarks (bench/cli/bench_parser.py)."""
     bench = commands.add_parser("bench", help="speed and memory benchmarks, measured side by side in one run")
     bench_commands = bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
-    loss = bench_commands.add_parser(
-        "loss",
-        help="forward+backward time and peak memory of every loss, ratios to our Smooth-AP",
-        description="For each batch size (4 samples per class, D=512): our Smooth-AP (on CUDA also its "
-        "torch and Triton backends side by side), the released code's B x B x B algorithm (where it fits), "
-        "pytorch-metric-learning's SmoothAPLoss and the other losses, each case in its own process.",
-    )
-    loss.add_argument(
-        "--batch-sizes",
-        type=_int_list,
-        default=(224, 384, 1024, 4096, 8192),
-        help="comma-separated batch sizes (default: 224,384,1024,4096,8192)",
-    )
-    loss.add_argument("--samples-per-class", type=int, default=4)
-    loss.add_argument("--dim", type=int, default=512, help="embedding size (default: 512)")
-    loss.add_argument(
-        "--losses",
-        help="comma-separated subset: registry names, smooth_ap_bbb (released B x B x B algorithm), "
-        "smooth_ap_pml, smooth_ap_torch and smooth_ap_triton (ours with that backend; both are in the "
-        "default on CUDA) (default: all)",
-    )
-    loss.add_argument(
-        "--repeats",
-        type=int,
-        default=3,
-        help="at least this many timed passes per case; the fastest counts (default: 3)",
-    )
-    loss.add_argument(
-        "--min-seconds",
-        type=float,
-        default=1.0,
-        help="keep timing a case until its passes add up to this many seconds, as timeit does, "
-        "so fast cases get enough passes to find an undisturbed one (default: 1)",
-    )
-    loss.add_argument("--threads", type=int, help="torch threads per case (default: torch's own)")
-    loss.add_argument(
-        "--max-bbb-gb",
-        type=float,
-        default=4.0,
-        help="skip the B x B x B algorithm where it would need more memory (default: 4)",
-    )
-    loss.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
-    loss.set_defaults(handler=handlers.cmd_bench_loss)
-    evaluation = bench_commands.add_parser(
-        "eval",
-        help="our retrieval metrics against pytorch-metric-learning's AccuracyCalculator",
-        description="Random normalised embeddings of the SOP test size, evaluated by both in one run: "
-        "time, speed ratio and agreement of precision@1, MAP@R and R-precision.",
-    )
-    evaluation.add_argument(
-        "--n", type=int, default=60502, help="embeddings (default: 60,502, SOP's test set)"
-    )
-    evaluation.add_argument("--classes", type=int, default=11316, help="classes (default: 11,316)")
-    evaluation.add_argument("--dim", type=int, default=512)
-    evaluation.add_argument(
-        "--backend",
-        default="auto",
-        metavar="BACKEND[@DEVICE],...",
-        help="where ours runs, one row each: BACKEND auto, faiss or torch; DEVICE cpu (default) or cuda, "
-        "where the embeddings live and the search runs (faiss on cuda needs the gpu extra); the first is the "
-        "reference for speed-ups, e.g. faiss@cpu,torch@cuda,faiss@cuda (default: auto)",
-    )
-    evaluation.add_argument(
-        "--memory-check",
-        action="store_true",
-        help="also evaluate 136,093 x 512 (iNaturalist's test size) at each placement and report peak memory",
-    )
-    evaluation.set_defaults(handler=handlers.cmd_bench_eval)
-    data_bench = bench_commands.add_parser(
-        "data",
-        help="images/s of a dataset's loading pipeline",
-        description="Decode, transform and batch images as training does.",
-    )
-    source = data_bench.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset", help="bundled config name whose data section to use (e.g. sop)")
-    source.add_argument(
-        "--synthetic", action="store_true", help="a generated folder of JPEGs, no download needed"
-    )
-    data_bench.add_argument("--root", help="dataset folder (default: the config's data.root)")
-    data_bench.add_argument("--workers", type=int, help="DataLoader workers (default: the config's)")
-    data_bench.add_argument("--batch-size", type=int, help="images per batch (default: the config's)")
-    data_bench.add_argument("--batches", type=int, default=20, help="batches to time (default: 20)")
-    data_bench.set_defaults(handler=handlers.cmd_bench_data)
+    add_loss_bench(bench_commands)
+    add_eval_bench(bench_commands)
+    add_data_bench(bench_commands)
     add_train_bench(bench_commands)
-    return parser
-
-
-def add_train_bench(bench_commands) -> None:
-    """`bench train`: the plain and the gradient-cached training step side by side, over process counts and
-    inputs (in memory, JPEGs decoded on the CPU or on the GPU)."""
-
-    def names(*choices: str):
-        def parse(text: str) -> tuple[str, ...]:
-            picked = tuple(text.split(","))
-            if not set(picked) <= set(choices):
-                raise argparse.ArgumentTypeError(f"expected some of {','.join(choices)}, got {text!r}")
-            return picked
-
-        return parse
-
-    train = bench_commands.add_parser(
-        "train",
-        help="images/s, its split and peak memory of training steps, plain and chunked, on 1..N processes",
-        description="Time training steps of a backbone on a synthetic P x K batch in memory or on JPEG files "
-        "through the training DataLoader, the plain step and the gradient-cached one side by side, each case "
-        "in a fresh torchrun launch (one process, or N with --nproc, training as `torchrun -m bench train` "
-        "does). Reports images/s, the step split into data wait, to device, forward, loss, backward and "
-        "optimizer, rank 0's peak memory, chunked / plain peak memory and N / 1 process images/s. The "
-        "paper's recipe: --backbone resnet50 --image-size 224 --batch-size 384 --samples-per-class 4 "
-        "--precision bf16 (see bench/benchmarks/train_bench.py for the full command).",
-    )
-    train.add_argument("--backbone", default="resnet18", help="model.backbone (default: resnet18)")
-    train.add_argument("--image-size", type=int, default=64, help="side of the images (default: 64)")
-    train.add_argument("--batch-size", type=int, default=1024, help="global batch P x K (default: 1024)")
-    train.add_argument("--samples-per-class", type=int, default=4, help="K (default: 4)")
-    train.add_argument(
-        "--chunk-size", type=int, default=64, help="train.chunk_size of the chunked step (default: 64)"
-    )
-    train.add_argument("--loss", default="smooth_ap", help="registry name of the loss (default: smooth_ap)")
-    train.add_argument("--embedding-dim", type=int, default=128, help="model.embedding_dim (default: 128)")
-    train.add_argument(
-        "--train-bn",
-        action="store_true",
-        help="BatchNorm in training mode (default: frozen, the paper's recipe)",
-    )
-    train.add_argument(
-        "--nproc",
-        type=_int_list,
-        default=(1,),
-        help="comma-separated process counts, e.g. 1,2 for the scaling from one process to two (default: 1)",
-    )
-    train.add_argument("--steps", type=int, default=3, help="timed steps per case (default: 3)")
-    train.add_argument("--warmup", type=int, default=1, help="untimed steps before them (default: 1)")
-    train.add_argument(
-        "--threads", type=int, help="torch threads shared out among a case's processes (default: all cores)"
-    )
-    train.add_argument("--timeout", type=float, default=1800.0, help="seconds per case (default: 1800)")
-    train.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
-    train.add_argument(
-        "--decode",
-        type=names("memory", "cpu", "gpu"),
-        default=("memory",),
-        help="comma-separated inputs, one row each: memory (a random batch already in memory), cpu or gpu "
-        "(synthetic JPEGs through the DataLoader, data.decode cpu or gpu) (default: memory)",
-    )
-    train.add_argument(
-        "--jpeg-images", type=int, default=512, help="distinct JPEG files for cpu and gpu (default: 512)"
-    )
-    train.add_argument(
-        "--jpeg-side", type=int, default=500, help="JPEG width; height is 3/4 of it (default: 500)"
-    )
-    train.add_argument(
-        "--workers",
-        type=int,
-        help="DataLoader workers shared out among a case's processes (default: all cores)",
-    )
-    train.add_argument(
-        "--modes",
-        type=names("plain", "chunked"),
-        default=("plain", "chunked"),
-        help="comma-separated steps to time: plain, chunked (default: both)",
-    )
-    train.add_argument(
-        "--precision",
-        choices=["bf16", "fp32"],
-        default="bf16",
-        help="bf16 autocast (train.amp, CUDA only) or fp32 (default: bf16)",
-    )
-    train.set_defaults(handler=handlers.cmd_bench_train)
