@@ -1,56 +1,26 @@
-"""The only module that talks to MLflow: runs, their status, their params, metrics, tags and artifacts.
-
-A run's final status is set in one place, `Tracker.run`: FINISHED when its block ends, KILLED when it is
-interrupted or pruned by Optuna, FAILED otherwise. Searches go through `find_runs`, which writes MLflow's
-filter syntax so callers never do. Credentials never reach MLflow: URLs are redacted before they are logged
-or printed, and a team's server's password comes from the environment (MLFLOW_TRACKING_PASSWORD).
-
-Outages of a tracking server: MLflow's own HTTP retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES, set here to about
-15 s unless the environment says otherwise) ride out a blip. A longer outage does not stop training: what a
-run writes meanwhile is kept in a local spool (JSON lines under results/spool/, `Spool`) and sent, in order,
-as soon as the server answers again; a run that ends before that says where its records are, and `sync`
-sends them later. Reads and new runs wait for the server (`SERVER_WAIT_S`) instead. MLflow's asynchronous
-logging is not used for this: a batch that fails there is logged and dropped, and it covers neither
-artifacts nor a run's status.
-"""
+"""`Tracker`: one MLflow experiment's runs, their status, params, metrics, tags and artifacts."""
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import shutil
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault(
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"
-)  # one bar per checkpoint read clutters logs
-# MLflow's own retries for an unanswered request: 4 with backoff 0, 2, 4, 8 s (its default, 7 retries, stalls
-# a run for about 4 minutes before the spool could take over)
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "4")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+from mlflow.entities import Metric, Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
-from mlflow.entities import Metric, Param, Run, RunTag  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
+from bench import layout
+from bench.tracking.server import is_server, redact, server_answers, unreachable
+from bench.tracking.spool import SPOOL_DIR, Spool, apply_record, replay
 
-from bench import layout  # noqa: E402
-
-SPOOL_DIR = Path(layout.RESULTS) / "spool"
 PROBE_S = 10.0  # while a run's records are spooled, how often a write checks whether the server is back
 SERVER_WAIT_S = 300.0  # how long a read or a new run waits for an unreachable server
 T = TypeVar("T")
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^/@:]*)(:(?P<password>[^/@]*))?@")
 
 
 class MissingExperiment(LookupError):
@@ -59,37 +29,6 @@ class MissingExperiment(LookupError):
 
 class ServerUnreachable(ConnectionError):
     """The tracking server did not answer a request that cannot wait in the spool (a read, a new run)."""
-
-
-def unreachable(error: BaseException) -> bool:
-    """Whether an MLflow error means the server did not answer (connection refused or cut, timeout, 5xx
-    through all of MLflow's retries), as opposed to an answer that refused the request."""
-    import requests
-
-    no_answer = (
-        requests.exceptions.ConnectionError,
-        requests.exceptions.Timeout,
-        requests.exceptions.RetryError,
-    )
-    seen: BaseException | None = error
-    for _ in range(10):  # MLflow wraps the requests error (as cause or context)
-        if seen is None:
-            return False
-        if isinstance(seen, no_answer):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def is_server(uri: str) -> bool:
-    return uri.startswith(("http://", "https://"))
-
-
-def redact(text: str) -> str:
-    """Hide the password of any URL in `text` (`postgresql://u:secret@h/db` -> `postgresql://u:***@h/db`)."""
-    return _USERINFO.sub(
-        lambda m: f"{m['scheme']}{m['user']}{':***' if m['password'] is not None else ''}@", text
-    )
 
 
 def end_status(error: BaseException | None) -> str:
@@ -346,144 +285,6 @@ def _artifact_location(uri: str, location: str) -> str | None:
     return location if "://" in location else Path(location).resolve().as_uri()
 
 
-def server_answers(uri: str) -> bool:
-    """Whether a tracking server answers its health check now (one quick try, no retries); stores that
-    are not servers always do."""
-    if not is_server(uri):
-        return True
-    import requests
-
-    try:
-        return requests.get(f"{uri.rstrip('/')}/health", timeout=5).status_code == 200
-    except requests.exceptions.RequestException:
-        return False
-
-
-def apply_record(client: MlflowClient, record: dict[str, Any]) -> None:
-    """Carry out one write record (what `Tracker` sends at once, or what the spool kept) on `client`."""
-    op, run_id = record["op"], record["run_id"]
-    if op == "params":
-        existing = client.get_run(run_id).data.params
-        fresh = [Param(k, v) for k, v in record["params"].items() if k not in existing]
-        for start in range(0, len(fresh), 100):
-            client.log_batch(run_id, params=fresh[start : start + 100])
-    elif op == "metrics":
-        metrics = [Metric(k, v, record["time"], record["step"]) for k, v in record["metrics"].items()]
-        client.log_batch(run_id, metrics=metrics)
-    elif op == "tags":
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
-    elif op == "artifact":
-        client.log_artifact(run_id, record["path"], record["artifact_path"])
-    elif op == "status" and record["status"] == "RUNNING":
-        client.update_run(run_id, status="RUNNING")
-    elif op == "status":
-        client.set_terminated(run_id, status=record["status"], end_time=record["time"])
-    else:
-        raise ValueError(f"unknown tracking record {op!r} for run {run_id}")
-
-
-class Spool:
-    """Writes a server did not take, one JSON line each, in order, in one file per run and process:
-    `<folder>/<run id>.<pid>.jsonl`, whose first line names the server (its URL redacted). An artifact is
-    copied into `<folder>/files/`, since its file may be gone by the time the server is back."""
-
-    def __init__(self, folder: Path, uri: str) -> None:
-        self.folder, self.uri = folder, uri
-
-    def path(self, run_id: str) -> Path:
-        return self.folder / f"{run_id}.{os.getpid()}.jsonl"
-
-    def holds(self, run_id: str) -> bool:
-        return self.path(run_id).exists()
-
-    def append(self, record: dict[str, Any]) -> None:
-        path = self.path(record["run_id"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if record["op"] == "artifact":
-            kept = self.folder / "files" / uuid.uuid4().hex / Path(record["path"]).name
-            kept.parent.mkdir(parents=True)
-            shutil.copy2(record["path"], kept)
-            record = {**record, "path": str(kept.resolve())}
-        lines = [] if path.exists() else [json.dumps({"server": redact(self.uri)})]
-        with path.open("a") as spool:
-            spool.write("".join(line + "\n" for line in [*lines, json.dumps(record)]))
-            spool.flush()
-            os.fsync(spool.fileno())
-
-
-def replay(client: MlflowClient, path: Path) -> int:
-    """Send the records of a spool file in order and remove it; how many were sent. When the server stops
-    answering on the way, the unsent rest is written back and the error raised."""
-    header, *records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    for done, record in enumerate(records):
-        try:
-            apply_record(client, record)
-        except Exception:
-            rest = path.with_suffix(".rest")
-            rest.write_text("".join(json.dumps(r) + "\n" for r in [header, *records[done:]]))
-            rest.replace(path)
-            raise
-        if record["op"] == "artifact":
-            shutil.rmtree(Path(record["path"]).parent, ignore_errors=True)
-    path.unlink()
-    return len(records)
-
-
-@dataclass
-class SyncResult:
-    runs: int = 0
-    records: int = 0
-    left: list[Path] = field(default_factory=list)  # files whose server still does not answer
-    busy: list[Path] = field(default_factory=list)  # files a live process is still writing
-
-
-def sync(spool_dir: str | Path = SPOOL_DIR, uri: str | None = None) -> SyncResult:
-    """Send every spooled record under `spool_dir` to its server: `uri`, else the one each file names (a
-    URL whose password was redacted must be given again). A file a live process still writes is left to
-    it; a server that still does not answer keeps its files for the next sync."""
-    result = SyncResult()
-    clients: dict[str, MlflowClient] = {}
-    down: set[str] = set()
-    for path in sorted(Path(spool_dir).glob("*.jsonl"), key=lambda p: p.stat().st_mtime):
-        if _writer_alive(path):
-            result.busy.append(path)
-            continue
-        with path.open() as spool:
-            target = uri or json.loads(spool.readline())["server"]
-        if ":***@" in target:
-            raise ValueError(f"{path} was kept for {target}: give that server's URL with --tracking-uri")
-        if target in down:
-            result.left.append(path)
-            continue
-        client = clients.setdefault(target, MlflowClient(tracking_uri=target))
-        try:
-            result.records += replay(client, path)
-            result.runs += 1
-        except Exception as error:
-            if not unreachable(error):
-                raise ValueError(f"{redact(target)} refused a record of {path}: {error}") from error
-            down.add(target)
-            result.left.append(path)
-    return result
-
-
-def _writer_alive(path: Path) -> bool:
-    """Whether the process that writes a spool file (its name's pid) is alive and is not this one."""
-    try:
-        pid = int(path.name.split(".")[-2])
-    except (IndexError, ValueError):
-        return False
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -503,7 +304,7 @@ def _param_text(value: Any) -> str:
 
 def git_commit() -> str | None:
     """The commit of the source tree this code runs from, with `-dirty` when it has uncommitted changes."""
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10
