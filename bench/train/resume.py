@@ -15,6 +15,10 @@ Honoured, and why the continued run is still the run the command describes:
   gets a new run for the remaining epochs).
 - `train.checkpoint_dir`: where checkpoints live; the resumed file is named by the command anyway.
 - `tune.*`: the tuning budget, unused by the training of one run.
+- `data.num_workers`: each sample is loaded under its own seed, so the batches are the same with any number of
+  loader workers.
+- `train.chunk_size`, with `model.freeze_bn: true`: gradient caching computes the whole batch's gradient to
+  rounding whatever the chunks (BatchNorm in training mode would see each chunk's statistics instead).
 Everything else (model, loss, data, batch, optimizer, seed, the experiment's and MLflow experiment's names,
 numerics such as `train.amp`) changes what the trained network would be, or where the run lives.
 """
@@ -29,7 +33,7 @@ from typing import Any
 from bench.config import ConfigError, Experiment
 
 HONOURED_SECTIONS = ("eval.", "tune.")
-HONOURED_KEYS = ("tracking.uri", "tracking.log_checkpoint", "train.checkpoint_dir")
+HONOURED_KEYS = ("tracking.uri", "tracking.log_checkpoint", "train.checkpoint_dir", "data.num_workers")
 CHANGES_TAG = "resume.changes"  # on the MLflow run: what each resume changed, one line per resume
 UNSHOWN_VALUES = ("tracking.uri", "tune.storage")  # store URLs may carry a server's password
 
@@ -71,7 +75,10 @@ def config_changes(stored: Experiment, command: Experiment, trained_epochs: int,
         emptied_section = {type(before), type(after)} == {dict, _Absent}  # {} on one side, its keys listed
         if before != after and not emptied_section:
             changes.append(Change(key, before, after))
-    refused = [refusal for change in changes if (refusal := _refusal(change, trained_epochs)) is not None]
+    frozen_bn = stored.model.freeze_bn and command.model.freeze_bn
+    refused = [
+        refusal for change in changes if (refusal := _refusal(change, trained_epochs, frozen_bn)) is not None
+    ]
     if refused:
         listed = "\n".join(f"  {change}" for change in refused)
         raise ResumeRefused(
@@ -83,14 +90,17 @@ def config_changes(stored: Experiment, command: Experiment, trained_epochs: int,
     return changes
 
 
-def _refusal(change: Change, trained_epochs: int) -> Change | None:
-    """None when `change` can be honoured after `trained_epochs` epochs, else the change with its reason."""
+def _refusal(change: Change, trained_epochs: int, frozen_bn: bool) -> Change | None:
+    """None when `change` can be honoured after `trained_epochs` epochs (with BatchNorm frozen on both sides
+    or not), else the change with its reason."""
     if change.key in HONOURED_KEYS or change.key.startswith(HONOURED_SECTIONS):
         return None
-    rule = _RULES.get(change.key)
-    if rule is None:
+    if change.key == "train.chunk_size":
+        reason = None if frozen_bn else "BatchNorm in training mode sees each chunk's statistics"
+    elif change.key in _RULES:
+        reason = _RULES[change.key](change.old, change.new, trained_epochs)
+    else:
         return change
-    reason = rule(change.old, change.new, trained_epochs)
     return None if reason is None else Change(change.key, change.old, change.new, reason)
 
 

@@ -171,6 +171,9 @@ def test_a_store_without_the_run_gets_a_new_run_for_the_remaining_epochs(
             {"tracking.uri", "tracking.log_checkpoint"},
         ),
         ([], ["train.checkpoint_dir=moved", "tune.trials=40"], {"train.checkpoint_dir", "tune.trials"}),
+        ([], ["data.num_workers=2"], {"data.num_workers"}),
+        (["model.freeze_bn=true"], ["train.chunk_size=8"], {"train.chunk_size"}),
+        (["model.freeze_bn=true", "train.chunk_size=8"], ["train.chunk_size=4"], {"train.chunk_size"}),
     ],
 )
 def test_changes_a_resumed_run_can_honour_are_returned_after_three_epochs(tmp_path, before, after, keys):
@@ -198,6 +201,12 @@ def test_changes_a_resumed_run_can_honour_are_returned_after_three_epochs(tmp_pa
         ),
         (3, [], ["tracking.experiment=other"], "tracking.experiment: 'omniglot' -> 'other'"),
         (3, [], ["optim.lr_decay_gamma=0.5"], "optim.lr_decay_gamma: 0.1 -> 0.5"),
+        (
+            3,
+            ["model.freeze_bn=false"],
+            ["model.freeze_bn=false", "train.chunk_size=8"],
+            "train.chunk_size: None -> 8 (BatchNorm in training mode sees each chunk's statistics)",
+        ),
     ],
 )
 def test_each_refusal_says_why(tmp_path, trained, before, after, line):
