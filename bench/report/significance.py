@@ -15,7 +15,9 @@ a loss y (n2, m2, s2²), per metric:
 * seeds needed (unseparated pairs only): the normal approximation for a two-sided test at alpha = 0.05 with
   power 0.8, n = 2 (z_{1-alpha/2} + z_{power})² s² / d² per loss, rounded up, with s² the pooled variance
   ((n1 - 1) s1² + (n2 - 1) s2²) / (n1 + n2 - 2) and d the observed difference; at least 2 (a t-test needs a
-  variance); inf when d = 0. It ignores the t distribution's heavier tails, so it is a lower estimate.
+  variance); inf when d = 0. It ignores the t distribution's heavier tails and Holm's factor, so it is a lower
+  estimate; the table never shows fewer seeds than one more than the pair has, since that many did not
+  separate it.
 * A loss with one seed, or no spread in either loss (se = 0), has no variance to test: interval, t, df and p
   are NaN, the pair is not separated and no seed count is given.
 """
@@ -160,6 +162,8 @@ def _compare(runs: pd.DataFrame, pairs: list[tuple[str, str]], metrics: list[str
             row["separated"] = bool(adjusted < ALPHA)
             if row["separated"] or math.isnan(adjusted):
                 row["seeds_needed"] = math.nan
+            else:  # the seeds it has did not separate it
+                row["seeds_needed"] = max(row["seeds_needed"], max(row["n"], row["n_other"]) + 1)
         rows.extend(block)
     return pd.DataFrame(rows, columns=COLUMNS)
 

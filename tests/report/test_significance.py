@@ -106,8 +106,9 @@ def test_holm_can_unseparate_a_pair_below_alpha():
     triplet = compare_to_reference(runs).set_index("loss").loc["triplet"]
     assert triplet["p"] == pytest.approx(0.0298, abs=5e-4)
     assert triplet["p_holm"] == pytest.approx(3 * triplet["p"], rel=1e-12)
-    # pooled variance 1e-4: n = 2 x 7.848880 x 1e-4 / 0.027^2 = 2.15 -> 3 (the formula knows no Holm factor)
-    assert not triplet["separated"] and triplet["seeds_needed"] == 3
+    # pooled variance 1e-4: n = 2 x 7.848880 x 1e-4 / 0.027^2 = 2.15 -> 3 (the formula knows no Holm factor),
+    # but 3 seeds did not separate the pair: at least 4
+    assert not triplet["separated"] and triplet["seeds_needed"] == 4
     assert compare_pair(runs, "triplet", "smooth_ap")["separated"].all()
 
 
