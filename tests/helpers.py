@@ -128,3 +128,18 @@ def clustered(rng: np.random.Generator, labels: np.ndarray, dim: int, noise: flo
     centres = rng.standard_normal((labels.max() + 1, dim))
     x = centres[labels] + noise * rng.standard_normal((len(labels), dim))
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+class InterruptAt(torch.nn.Module):
+    """Wraps a real loss and raises KeyboardInterrupt (Ctrl-C) on its `at`-th call: an `at` past an
+    epoch's batches interrupts mid-epoch."""
+
+    def __init__(self, inner: torch.nn.Module, at: int) -> None:
+        super().__init__()
+        self.inner, self.at, self.calls = inner, at, 0
+
+    def forward(self, embeddings, labels):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return self.inner(embeddings, labels)

@@ -26,7 +26,7 @@ from bench.report.receipt import UnfairComparison
 from bench.tracking import Tracker
 from bench.train import load_checkpoint, model_from_checkpoint, train_and_evaluate
 from bench.train.fairness import weights_hash
-from tests.helpers import omniglot_experiment, tiny_omniglot
+from tests.helpers import InterruptAt, omniglot_experiment, tiny_omniglot
 
 RECEIPT_TAGS = ("fairness.init_hash", "fairness.batches_hash", "fairness.batch_digests", "fairness.splits")
 
@@ -66,20 +66,6 @@ def test_two_losses_at_one_seed_share_the_receipt_and_another_seed_does_not(
     exp = omniglot_experiment(tmp_path / "a")
     assert first["init_hash"] == weights_hash(build_model(exp.model, 1, 0))
     assert first["init_hash"] != weights_hash(model_from_checkpoint(smooth.checkpoint)[0])
-
-
-class InterruptAt(torch.nn.Module):
-    """Wraps a real loss and raises KeyboardInterrupt (Ctrl-C) on its `at`-th call."""
-
-    def __init__(self, inner: torch.nn.Module, at: int) -> None:
-        super().__init__()
-        self.inner, self.at, self.calls = inner, at, 0
-
-    def forward(self, embeddings, labels):
-        self.calls += 1
-        if self.calls == self.at:
-            raise KeyboardInterrupt
-        return self.inner(embeddings, labels)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 import losses
 from bench.train import NonFiniteLossError, load_checkpoint, model_from_checkpoint, train_and_evaluate
-from tests.helpers import omniglot_experiment, tiny_omniglot
+from tests.helpers import InterruptAt, omniglot_experiment, tiny_omniglot
 
 
 @pytest.fixture(scope="module")
@@ -36,21 +36,6 @@ def test_same_seed_twice_gives_identical_metrics_and_weights(tmp_path, bundle):
         omniglot_experiment(tmp_path / "c", "train.seed=1"), bundle=bundle, progress=False
     )
     assert other_seed.test_metrics != first.test_metrics
-
-
-class InterruptAt(torch.nn.Module):
-    """Wraps a real loss and raises KeyboardInterrupt (Ctrl-C) on its `at`-th call: mid-epoch by
-    construction."""
-
-    def __init__(self, inner: torch.nn.Module, at: int) -> None:
-        super().__init__()
-        self.inner, self.at, self.calls = inner, at, 0
-
-    def forward(self, embeddings, labels):
-        self.calls += 1
-        if self.calls == self.at:
-            raise KeyboardInterrupt
-        return self.inner(embeddings, labels)
 
 
 def test_interrupted_mid_epoch_then_resumed_matches_uninterrupted(
