@@ -15,6 +15,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from bench import layout
+from bench.backoff import with_backoff
 from bench.tracking.server import is_server, redact, server_answers, unreachable
 from bench.tracking.spool import SPOOL_DIR, Spool, apply_record, replay
 
@@ -194,20 +195,17 @@ class Tracker:
     def _patiently(self, what: str, call: Callable[[], T]) -> T:
         """`call` (a read or a new run), retried with backoff while the server does not answer, for up to
         `wait_s` seconds; then ServerUnreachable."""
-        deadline, delay = time.monotonic() + self.wait_s, 1.0
-        while True:
-            try:
-                return call()
-            except Exception as error:
-                if not unreachable(error):
-                    raise
-                if time.monotonic() + delay > deadline:
-                    raise ServerUnreachable(
-                        f"MLflow server {redact(self.uri)} did not answer for {self.wait_s:.0f} s "
-                        f"(to {what}): start it again, or give another --tracking-uri"
-                    ) from error
-                time.sleep(delay)
-                delay = min(2 * delay, 30.0)
+        return with_backoff(
+            call,
+            transient=unreachable,
+            seconds=self.wait_s,
+            first_delay=1.0,
+            max_delay=30.0,
+            give_up=lambda _: ServerUnreachable(
+                f"MLflow server {redact(self.uri)} did not answer for {self.wait_s:.0f} s "
+                f"(to {what}): start it again, or give another --tracking-uri"
+            ),
+        )
 
     # ------------------------------------------------------------------ reading
 

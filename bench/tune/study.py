@@ -22,6 +22,7 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from bench import layout
+from bench.backoff import with_backoff
 from bench.config import ConfigError, Experiment
 from bench.tracking import redact
 from bench.tune.edges import WIDENED_SUFFIX
@@ -92,24 +93,25 @@ class ResilientStorage(optuna.storages.RDBStorage):
             return call()
         self._calling.active = True
         try:
-            deadline, delay = time.monotonic() + self.retry_s, 0.5
-            while True:
-                try:
-                    return call()
-                except Exception as error:
-                    if not connection_lost(error):
-                        raise
-                    if time.monotonic() + delay > deadline:
-                        self.lost = StorageLost(
-                            f"lost the Optuna storage {self.shown_url}: no answer for {self.retry_s:.0f} s "
-                            f"({first_line(error)}); this worker stops, "
-                            "and its running trial is failed by heartbeat once another worker sees it stale"
-                        )
-                        raise self.lost from error
-                    time.sleep(delay)
-                    delay = min(2 * delay, 16.0)
+            return with_backoff(
+                call,
+                transient=connection_lost,
+                seconds=self.retry_s,
+                first_delay=0.5,
+                max_delay=16.0,
+                give_up=self._lose,
+            )
         finally:
             self._calling.active = False
+
+    def _lose(self, error: BaseException) -> StorageLost:
+        """Give up on the storage: this call and every later one raise the returned StorageLost."""
+        self.lost = StorageLost(
+            f"lost the Optuna storage {self.shown_url}: no answer for {self.retry_s:.0f} s "
+            f"({first_line(error)}); this worker stops, "
+            "and its running trial is failed by heartbeat once another worker sees it stale"
+        )
+        return self.lost
 
     def record_heartbeat(self, trial_id: int) -> None:
         """A heartbeat, retried like every call; once the storage is lost the heartbeats stop quietly (the
