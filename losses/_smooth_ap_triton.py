@@ -34,13 +34,44 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _keep(p_mask, positives, j, j_mask, own, INCLUDE_SELF: tl.constexpr):
-    """Which (positive i, column j) pairs count: j in range, j != i, and j != q's own column unless
-    `INCLUDE_SELF`."""
+def _query_positives(
+    sims_ptr, queries_ptr, positives_ptr, pair, row_stride, num_positives, BLOCK_P: tl.constexpr
+):
+    """Program `pair`'s query, its row of S, the positives' slots and mask, where its (query, positive) arrays
+    start, the positives' columns and their similarities s_qi."""
+    query = tl.load(queries_ptr + pair).to(tl.int64)
+    row = sims_ptr + query * row_stride
+    slots = tl.arange(0, BLOCK_P)
+    p_mask = slots < num_positives
+    pair_base = pair.to(tl.int64) * num_positives
+    positives = tl.load(positives_ptr + pair_base + slots, mask=p_mask, other=-1)
+    anchor = tl.load(row + positives, mask=p_mask, other=0.0)
+    return query, row, slots, p_mask, pair_base, positives, anchor
+
+
+@triton.jit
+def _tile(
+    row, start, columns, anchor, p_mask, positives, own, inv_temperature,
+    INCLUDE_SELF: tl.constexpr, BLOCK_J: tl.constexpr,
+):  # fmt: skip
+    """Columns j of the tile at `start`, their mask, the P x tile sigmoids sig((s_qj - s_qi) / T), and which
+    pairs count: j in range, j != i, and j != q's own column unless `INCLUDE_SELF`."""
+    j = start + tl.arange(0, BLOCK_J)
+    j_mask = j < columns
+    s_j = tl.load(row + j, mask=j_mask, other=0.0)
+    sig = _sigmoid((s_j[None, :] - anchor[:, None]) * inv_temperature)
     keep = p_mask[:, None] & j_mask[None, :] & (j[None, :] != positives[:, None])
     if not INCLUDE_SELF:
         keep = keep & (j[None, :] != own)
-    return keep
+    return j, j_mask, sig, keep
+
+
+@triton.jit
+def _positive_pairs(anchor, slots, p_mask, inv_temperature):
+    """The P x P sigmoids sig((s_qk - s_qi) / T) [i, k] among the positives, and which count (k != i)."""
+    sig = _sigmoid((anchor[None, :] - anchor[:, None]) * inv_temperature)
+    keep = p_mask[:, None] & p_mask[None, :] & (slots[None, :] != slots[:, None])
+    return sig, keep
 
 
 @triton.jit
@@ -59,25 +90,17 @@ def _forward_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
-    pair = tl.program_id(0)
-    query = tl.load(queries_ptr + pair).to(tl.int64)
-    row = sims_ptr + query * row_stride
-    own = query + query_offset
-    slots = tl.arange(0, BLOCK_P)
-    p_mask = slots < num_positives
-    pair_base = pair.to(tl.int64) * num_positives
-    positives = tl.load(positives_ptr + pair_base + slots, mask=p_mask, other=-1)
-    anchor = tl.load(row + positives, mask=p_mask, other=0.0)
+    query, row, slots, p_mask, pair_base, positives, anchor = _query_positives(
+        sims_ptr, queries_ptr, positives_ptr, tl.program_id(0), row_stride, num_positives, BLOCK_P
+    )
     denom = tl.zeros([BLOCK_P], dtype=anchor.dtype)
     for start in range(0, columns, BLOCK_J):
-        j = start + tl.arange(0, BLOCK_J)
-        j_mask = j < columns
-        s_j = tl.load(row + j, mask=j_mask, other=0.0)
-        sig = _sigmoid((s_j[None, :] - anchor[:, None]) * inv_temperature)
-        keep = _keep(p_mask, positives, j, j_mask, own, INCLUDE_SELF)
+        j, j_mask, sig, keep = _tile(
+            row, start, columns, anchor, p_mask, positives, query + query_offset, inv_temperature,
+            INCLUDE_SELF, BLOCK_J,
+        )  # fmt: skip
         denom += tl.sum(tl.where(keep, sig, 0.0), axis=1)
-    sig_pp = _sigmoid((anchor[None, :] - anchor[:, None]) * inv_temperature)  # [i, k]
-    keep_pp = p_mask[:, None] & p_mask[None, :] & (slots[None, :] != slots[:, None])
+    sig_pp, keep_pp = _positive_pairs(anchor, slots, p_mask, inv_temperature)
     numer = tl.sum(tl.where(keep_pp, sig_pp, 0.0), axis=1)
     tl.store(numer_ptr + pair_base + slots, numer + 1.0, mask=p_mask)
     tl.store(denom_ptr + pair_base + slots, denom + 1.0, mask=p_mask)
@@ -100,30 +123,22 @@ def _backward_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
-    pair = tl.program_id(0)
-    query = tl.load(queries_ptr + pair).to(tl.int64)
-    row = sims_ptr + query * row_stride
+    query, row, slots, p_mask, pair_base, positives, anchor = _query_positives(
+        sims_ptr, queries_ptr, positives_ptr, tl.program_id(0), row_stride, num_positives, BLOCK_P
+    )
     grad_row = grad_ptr + query * row_stride
-    own = query + query_offset
-    slots = tl.arange(0, BLOCK_P)
-    p_mask = slots < num_positives
-    pair_base = pair.to(tl.int64) * num_positives
-    positives = tl.load(positives_ptr + pair_base + slots, mask=p_mask, other=-1)
-    anchor = tl.load(row + positives, mask=p_mask, other=0.0)
     item_coef = tl.load(item_coef_ptr + pair_base + slots, mask=p_mask, other=0.0)
     positive_coef = tl.load(positive_coef_ptr + pair_base + slots, mask=p_mask, other=0.0)
     row_sums = tl.zeros([BLOCK_P], dtype=anchor.dtype)
     for start in range(0, columns, BLOCK_J):
-        j = start + tl.arange(0, BLOCK_J)
-        j_mask = j < columns
-        s_j = tl.load(row + j, mask=j_mask, other=0.0)
-        sig = _sigmoid((s_j[None, :] - anchor[:, None]) * inv_temperature)
-        keep = _keep(p_mask, positives, j, j_mask, own, INCLUDE_SELF)
+        j, j_mask, sig, keep = _tile(
+            row, start, columns, anchor, p_mask, positives, query + query_offset, inv_temperature,
+            INCLUDE_SELF, BLOCK_J,
+        )  # fmt: skip
         g = tl.where(keep, item_coef[:, None] * (sig - sig * sig), 0.0)
         tl.store(grad_row + j, tl.sum(g, axis=0), mask=j_mask)  # dL/ds_qj, as item j
         row_sums += tl.sum(g, axis=1)
-    sig_pp = _sigmoid((anchor[None, :] - anchor[:, None]) * inv_temperature)  # [i, k]
-    keep_pp = p_mask[:, None] & p_mask[None, :] & (slots[None, :] != slots[:, None])
+    sig_pp, keep_pp = _positive_pairs(anchor, slots, p_mask, inv_temperature)
     g_pp = tl.where(keep_pp, positive_coef[:, None] * (sig_pp - sig_pp * sig_pp), 0.0)
     # positive k as an item of the numerators, minus positive i as the anchor of every sigmoid of its pair
     correction = tl.sum(g_pp, axis=0) - tl.sum(g_pp, axis=1) - row_sums
