@@ -1,6 +1,5 @@
 """Smooth-AP against an independent float64 loop over the formula, autograd, and PML's version."""
 
-import math
 import warnings
 
 import pytest
@@ -9,34 +8,17 @@ from pytorch_metric_learning.losses import SmoothAPLoss
 
 from losses import get_loss
 from losses.smooth_ap import SmoothAP
+from tests.losses.test_ref_embeddings import smooth_ap_rows
 
 
 def brute_force_loss(
     emb: torch.Tensor, labels: torch.Tensor, temperature: float, include_self: bool
 ) -> float:
-    """1 - mean AP_q straight from the definition, one Python loop per sum."""
-    sims = (emb.double() @ emb.double().T).tolist()
-    labels = labels.tolist()
-    batch = len(labels)
-
-    def sig(x: float) -> float:
-        return 1.0 / (1.0 + math.exp(-x / temperature))
-
-    aps = []
-    for q in range(batch):
-        positives = [i for i in range(batch) if labels[i] == labels[q] and i != q]
-        if not positives:
-            continue
-        retrieval = [j for j in range(batch) if j != q]
-        if include_self:
-            positives, retrieval = positives + [q], retrieval + [q]
-        total = 0.0
-        for i in positives:
-            numer = 1.0 + sum(sig(sims[q][j] - sims[q][i]) for j in positives if j != i)
-            denom = 1.0 + sum(sig(sims[q][j] - sims[q][i]) for j in retrieval if j != i)
-            total += numer / denom
-        aps.append(total / len(positives))
-    return 1.0 - sum(aps) / len(aps)
+    """1 - mean AP_q straight from the definition: the batch against itself, each query's term by the Python
+    loops of `smooth_ap_rows`, averaged over the queries that have a positive."""
+    rows = smooth_ap_rows(emb, labels, emb, labels, 0, temperature, include_self)
+    terms = [row for row in rows if row is not None]
+    return sum(terms) / len(terms)
 
 
 def uneven_batch(seed: int, dim: int = 6):
