@@ -45,6 +45,7 @@ own queries against the gathered global batch, and the ranks' mean is the loss o
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import warnings
@@ -244,17 +245,25 @@ def _triton_positive_limit() -> int:
     return MAX_POSITIVES
 
 
+@functools.cache
+def triton_installed() -> bool:
+    """Looked up once: the lookup scans sys.path (tens of microseconds), too slow for every training step."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def use_triton(backend: Backend, sims: Tensor, groups: list[tuple[Tensor, Tensor]]) -> bool:
     """Whether the Triton kernels compute the ranking: `auto` takes them on CUDA when Triton is installed and
     no query has more positives than they hold in registers; `triton` insists (on CUDA, or on CPU tensors
     under Triton's interpreter, TRITON_INTERPRET=1)."""
     if backend == "torch":
         return False
-    installed = importlib.util.find_spec("triton") is not None
     if backend == "auto":
-        largest = max(positives.shape[1] for _, positives in groups)
-        return sims.is_cuda and installed and largest <= _triton_positive_limit()
-    if not installed:
+        return (
+            sims.is_cuda
+            and triton_installed()
+            and max(positives.shape[1] for _, positives in groups) <= _triton_positive_limit()
+        )
+    if not triton_installed():
         raise ImportError("smooth_ap: backend='triton' needs Triton (pip install triton), or use 'torch'")
     if not sims.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
