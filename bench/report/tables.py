@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from bench.clustering import KMEANS_PROTOCOL
 from bench.report.console import metric_order
 from bench.report.runs import REFERENCE_LOSS
 
@@ -36,6 +37,7 @@ def display_name(loss: str) -> str:
     return DISPLAY_NAMES.get(loss, loss)
 
 
+CLUSTERING_METRICS = ("nmi", "ami", "f1")
 LABELS = {"map_at_r": "MAP@R", "r_precision": "R-Prec", "nmi": "NMI", "ami": "AMI", "f1": "F1"}
 
 
@@ -144,7 +146,9 @@ def to_markdown(summary: pd.DataFrame, metrics: list[str], reference: str = REFE
             cells.append(f"{text} ({shift})" if shift else text)
         cells.append(str(row["n_seeds"]))
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + f"\n\n{CONVENTION}.\n"
+    clustered = [metric_label(m) for m in metrics if m in CLUSTERING_METRICS]
+    protocol = f" {', '.join(clustered)} (in the CSV): {KMEANS_PROTOCOL}." if clustered else ""
+    return "\n".join(lines) + f"\n\n{CONVENTION}.{protocol}\n"
 
 
 def _latex_escape(text: str) -> str:

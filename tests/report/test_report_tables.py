@@ -220,3 +220,12 @@ def test_clustering_metrics_are_labelled_and_ordered():
     )
     assert tables.test_metrics(runs) == ["recall_at_2", "map_at_r", "r_precision", "nmi", "ami", "f1"]
     assert [metric_label(m) for m in ("nmi", "ami", "f1")] == ["NMI", "AMI", "F1"]
+
+
+def test_markdown_states_the_clustering_protocol_when_it_shows_clustering_metrics():
+    summary = pd.DataFrame({"loss": ["smooth_ap"], "n_seeds": [1]})
+    for metric, value in (("nmi", 0.9), ("map_at_r", 0.4)):
+        summary[f"{metric}_mean"], summary[f"{metric}_ci95"] = value, math.nan
+    with_nmi = tables.to_markdown(summary, ["map_at_r", "nmi"])
+    assert "NMI (in the CSV): k-means with one cluster per class" in with_nmi and "k-means++" in with_nmi
+    assert "k-means" not in tables.to_markdown(summary, ["map_at_r"])
