@@ -115,9 +115,8 @@ def train_and_evaluate(
                     _log_resume(tracker, run, trainer, start, new_run=trainer.run_id is None)
                 trainer.run_id = run
                 trainer.train()
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: resume with --resume (checkpoint {checkpoint_path})", file=sys.stderr)
-        raise
+    except KeyboardInterrupt as interrupt:
+        raise KeyboardInterrupt(f"resume with --resume (checkpoint {checkpoint_path})") from interrupt
     return RunResult(trainer.run_id, checkpoint_path, exp.train.epochs, trainer.history, trainer.test_metrics)
 
 
