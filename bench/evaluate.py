@@ -81,7 +81,8 @@ def evaluate_split(
     Clustering metrics (`nmi`, `ami`, `f1` of seeded k-means with as many clusters as classes) cost a k-means,
     so by default they are computed on test splits only (`test`, `test_small`, ...), never at validation.
     They cluster `split.query`: under a query/gallery protocol the query set (the gallery is only searched),
-    with draws the whole set, once.
+    with draws the whole set, once. A split with `coarse` labels also reports `coarse_recall_at_1` and
+    `coarse_map_at_r`.
     """
     ks = tuple(config.ks) if config.ks else split.ks
     embed_set = partial(
@@ -100,6 +101,8 @@ def evaluate_split(
         gallery = None if split.gallery is None else embed_set(split.gallery)
         gallery_labels = None if split.gallery is None else split.gallery.labels
         metrics = retrieval_metrics(query, labels, gallery, gallery_labels, ks=ks, backend=config.backend)
+    if split.coarse is not None:
+        metrics.update(coarse_metrics(query, split.coarse, config.backend))
     if clustering is None:
         clustering = split.name.startswith("test")
     if clustering:
@@ -107,6 +110,12 @@ def evaluate_split(
     result = {f"{split.name}/{key}": float(value) for key, value in metrics.items()}
     result.update({f"{split.name}{DRAW_STD}/{key}": float(value) for key, value in spread.items()})
     return result
+
+
+def coarse_metrics(embeddings: torch.Tensor, coarse: np.ndarray, backend: Backend) -> dict[str, float]:
+    """Leave-one-out Recall@1 and MAP@R with the coarse classes as the relevant items."""
+    scores = retrieval_metrics(embeddings, coarse, ks=(1,), backend=backend)
+    return {"coarse_recall_at_1": scores["recall_at_1"], "coarse_map_at_r": scores["map_at_r"]}
 
 
 def drawn_metrics(

@@ -45,8 +45,16 @@ class EvalSplit:
     gallery: LabeledDataset | None = None
     ks: tuple[int, ...] = (1, 2, 4, 8)
     draws: list[Draw] | None = None
+    coarse: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        if self.coarse is not None and (
+            self.gallery is not None or self.draws is not None or len(self.coarse) != len(self.query)
+        ):
+            raise ValueError(
+                f"EvalSplit {self.name!r}: coarse labels need leave-one-out (no gallery, no draws) and one "
+                f"per query item, got {len(self.coarse)} for {len(self.query)} items"
+            )
         if self.draws is not None and (self.gallery is not None or not self.draws):
             raise ValueError(
                 f"EvalSplit {self.name!r}: draws needs gallery=None (the draws index into query) and at "

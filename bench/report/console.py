@@ -21,11 +21,12 @@ def metrics_table(rows: dict[str, dict[str, float]], prefix: str = "test/") -> s
 
 
 # the table columns after Recall@K, in order (bench.report.tables labels them)
-METRIC_ORDER = ("map_at_r", "r_precision", "nmi", "ami", "f1")
+METRIC_ORDER = ("map_at_r", "r_precision", "coarse_recall_at_1", "coarse_map_at_r", "nmi", "ami", "f1")
 
 
 def metric_order(metric: str) -> tuple[int, int, str]:
-    """Recall@K by K, then MAP@R, R-Precision, NMI, AMI, F1, then any other metric by name."""
+    """Recall@K by K, then MAP@R, R-Precision, the coarse-label R@1 and MAP@R, NMI, AMI, F1, then any other
+    metric by name."""
     if metric.startswith("recall_at_"):
         return (0, int(metric[len("recall_at_") :]), metric)
     rank = METRIC_ORDER.index(metric) if metric in METRIC_ORDER else len(METRIC_ORDER)
