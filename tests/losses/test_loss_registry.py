@@ -37,6 +37,25 @@ PREVIOUS_DEFAULTS = {
         "interclass_coef": 0.0,
         "batch_memory": 0,
     },
+    # the losses after Smooth-AP (issue 26), with their authors' defaults (see each module's docstring)
+    "roadmap": {
+        "temperature": 0.01,
+        "rho": 100.0,
+        "offset": 1.44,
+        "delta": 0.05,
+        "start": 0.5,
+        "calibration_weight": 1.0,
+        "pos_margin": 0.9,
+        "neg_margin": 0.6,
+        "include_self": True,
+    },
+    "recall_at_k": {
+        "temperature": 0.01,
+        "k_values": (1, 2, 4, 8, 16),
+        "k_temperatures": (1.0, 2.0, 4.0, 8.0, 16.0),
+        "include_self": True,
+    },
+    "pnp": {"variant": "D_q", "alpha": 4.0, "temperature": 0.01, "b": 2.0, "include_self": True},
 }
 
 
