@@ -44,6 +44,7 @@ __all__ = [
     "get_spec",
     "load_loss_module",
     "register",
+    "resolve_loss_names",
 ]
 
 ENTRY_POINT_GROUP = "smoothap_bench.losses"
@@ -136,6 +137,27 @@ def available_losses() -> list[str]:
     """Registry names of every loss: this package's modules, entry points and loaded loss files."""
     _discover()
     return sorted(_REGISTRY)
+
+
+# The losses of the design's comparison, and those after Smooth-AP (issue 26) that only run when asked for.
+DESIGN_LOSSES = ("smooth_ap", "triplet", "contrastive", "multi_similarity", "fastap", "blackbox_ap")
+LATER_LOSSES = ("roadmap", "recall_at_k", "pnp")
+LOSS_SETS = {"design": DESIGN_LOSSES, "extended": DESIGN_LOSSES + LATER_LOSSES}
+
+
+def resolve_loss_names(names: list[str] | None) -> list[str]:
+    """The registry names a `--losses` list stands for: a named set of `LOSS_SETS` (`extended`: the six
+    design losses and the later ones) expands in place, duplicates keep their first place. No names: every
+    registered loss but the later ones, so the main job keeps its six (and any outside losses) by default.
+    Names are not checked here: `get_spec` does that, listing the known ones."""
+    if not names:
+        return [name for name in available_losses() if name not in LATER_LOSSES]
+    resolved: list[str] = []
+    for name in names:
+        for member in LOSS_SETS.get(name, (name,)):
+            if member not in resolved:
+                resolved.append(member)
+    return resolved
 
 
 _discovered = False

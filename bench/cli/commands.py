@@ -57,7 +57,7 @@ def _shown_uri(uri: str) -> str:
 def _loss_list(text: str | None) -> list[str]:
     import losses
 
-    names = [n.strip() for n in text.split(",")] if text else losses.available_losses()
+    names = losses.resolve_loss_names([n.strip() for n in text.split(",")] if text else None)
     for name in names:
         losses.get_spec(name)  # unknown names fail here with the list of known ones
     return names

@@ -26,6 +26,10 @@ WIDEN_HELP = (
     "log-scaled parameters) over that range widened by FACTOR on the side it hit, on the same budget, "
     "in the study <experiment>-<loss>-widened; its final runs come from there (try 10)"
 )
+LOSSES_HELP = (
+    "comma-separated registry names, or a named set: 'extended' is the six design losses and the later ones "
+    "(roadmap, recall_at_k, pnp) (default: every registered loss but the later ones)"
+)
 TRACKING_HELP = f"MLflow tracking URI (default: MLFLOW_TRACKING_URI, else {layout.MLFLOW_URI})"
 
 
@@ -168,7 +172,7 @@ def add_run(commands) -> None:
         help="name of the experiment, its MLflow experiment and its studies "
         "(default: the config's; with --quick: omniglot-quick)",
     )
-    run.add_argument("--losses", help="comma-separated registry names (default: every registered loss)")
+    run.add_argument("--losses", help=LOSSES_HELP)
     run.add_argument("--storage", help="Optuna storage URL (default: the config's tune.storage)")
     run.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     run.add_argument("--workers", type=_worker_count, default=1, metavar="N", help=WORKERS_HELP)
@@ -189,7 +193,7 @@ def add_tune(commands) -> None:
         "workers (pass --no-final to all but one).",
     )
     add_experiment_options(tune, loss=False)
-    tune.add_argument("--losses", help="comma-separated registry names (default: every registered loss)")
+    tune.add_argument("--losses", help=LOSSES_HELP)
     tune.add_argument(
         "--trials", type=int, help="finished trials per loss (default: the config's tune.trials)"
     )

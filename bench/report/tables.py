@@ -24,6 +24,9 @@ DISPLAY_NAMES = {
     "multi_similarity": "Multi-Similarity",
     "fastap": "FastAP",
     "blackbox_ap": "Blackbox AP",
+    "roadmap": "ROADMAP",
+    "recall_at_k": "RS@k",  # the Recall@k surrogate, as its authors abbreviate it
+    "pnp": "PNP",
 }
 SPLIT = "test/"
 INTERVAL = (

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import losses
-from losses import available_losses, get_loss, get_spec
+from bench.cli.commands import _loss_list
+from bench.report.tables import display_name
+from losses import available_losses, get_loss, get_spec, resolve_loss_names
 
 DESIGN_NAMES = {"smooth_ap", "triplet", "contrastive", "multi_similarity", "fastap", "blackbox_ap"}
 REGISTERED = available_losses()  # collected at import: a new file in losses/ is covered with no list to edit
@@ -37,6 +39,25 @@ PREVIOUS_DEFAULTS = {
         "interclass_coef": 0.0,
         "batch_memory": 0,
     },
+    # the losses after Smooth-AP (issue 26), with their authors' defaults (see each module's docstring)
+    "roadmap": {
+        "temperature": 0.01,
+        "rho": 100.0,
+        "offset": 1.44,
+        "delta": 0.05,
+        "start": 0.5,
+        "calibration_weight": 1.0,
+        "pos_margin": 0.9,
+        "neg_margin": 0.6,
+        "include_self": True,
+    },
+    "recall_at_k": {
+        "temperature": 0.01,
+        "k_values": (1, 2, 4, 8, 16),
+        "k_temperatures": (1.0, 2.0, 4.0, 8.0, 16.0),
+        "include_self": True,
+    },
+    "pnp": {"variant": "D_q", "alpha": 4.0, "temperature": 0.01, "b": 2.0, "include_self": True},
 }
 
 
@@ -157,3 +178,35 @@ def test_register_rejects_a_name_taken_by_another_class(scratch_registry):
     same = get_spec("triplet")
     losses.register("triplet", same.cls, same.search_space, same.miner)  # re-importing a module is fine
     assert get_spec("triplet") == same
+
+
+LATER = ["roadmap", "recall_at_k", "pnp"]
+
+
+def test_the_extended_set_is_the_six_design_losses_then_the_later_ones():
+    assert resolve_loss_names(["extended"]) == [*sorted(DESIGN_NAMES, key=losses.DESIGN_LOSSES.index), *LATER]
+    assert set(LATER) <= set(REGISTERED)
+    # a set expands in place among other names; a name it already holds keeps its first place
+    assert resolve_loss_names(["pnp", "extended", "smooth_ap"]) == ["pnp", *losses.DESIGN_LOSSES, *LATER[:2]]
+
+
+def test_without_names_the_main_job_keeps_every_loss_but_the_later_ones(scratch_registry):
+    losses.register("tiny_test_loss", Tiny)  # an outside loss (--loss-module) stays in by default
+    default = resolve_loss_names(None)
+    assert set(DESIGN_NAMES) | {"tiny_test_loss"} <= set(default)
+    assert not set(LATER) & set(default)
+    assert resolve_loss_names([]) == default
+
+
+def test_the_cli_loss_list_expands_the_set_and_checks_every_name():
+    """`run` and `tune` read `--losses` through this one function."""
+    assert _loss_list("extended") == resolve_loss_names(["extended"])
+    assert _loss_list(" smooth_ap , pnp") == ["smooth_ap", "pnp"]
+    assert _loss_list(None) == resolve_loss_names(None)
+    with pytest.raises(ValueError, match="unknown loss 'extnded'"):
+        _loss_list("extnded")
+
+
+@pytest.mark.parametrize("name", resolve_loss_names(["extended"]))
+def test_every_loss_of_the_extended_set_has_a_display_name(name):
+    assert display_name(name) != name

@@ -22,6 +22,7 @@ EDGE = 0.05  # within 5% of the range (on the log scale for log ranges) from an 
 NATURAL_EDGES = {
     ("contrastive", "pos_margin"): "low",  # 0: distances are never negative, a negative margin acts as 0
     ("blackbox_ap", "margin"): "low",  # 0: no margin
+    ("roadmap", "calibration_weight"): "low",  # 0: SupAP alone (the authors' supap.yaml)
 }
 
 POINTS = {
@@ -63,6 +64,16 @@ POINTS = {
         ("reality check CUB200 batch 256", {"alpha": 11.63, "beta": 55.20, "base": 0.85, "epsilon": 0.42}),
         ("Omniglot best", {"alpha": 9.229, "beta": 21.24, "base": 0.9772, "epsilon": 0.01427}),
         ("Omniglot 2nd", {"alpha": 8.724, "beta": 12.01, "base": 0.9779, "epsilon": 0.01043}),
+    ],
+    "roadmap": [
+        ("authors' roadmap.yaml", {"temperature": 0.01, "rho": 100.0, "calibration_weight": 1.0}),
+        ("authors' supap.yaml", {"temperature": 0.01, "rho": 100.0, "calibration_weight": 0.0}),
+        ("authors' slope grid, low end", {"temperature": 0.01, "rho": 0.1, "calibration_weight": 1.0}),
+    ],
+    "recall_at_k": [("authors' src/main.py", {"temperature": 0.01})],
+    "pnp": [
+        ("authors' README recipe (PNP-D_q)", {"alpha": 4.0, "temperature": 0.01}),
+        ("pytorch-metric-learning's default alpha", {"alpha": 1.0, "temperature": 0.01}),
     ],
     "fastap": [
         ("paper, authors' code and pytorch-metric-learning", {"num_bins": 10}),
