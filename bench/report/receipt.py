@@ -35,7 +35,8 @@ class UnfairComparison(ReportError):
 @dataclass
 class Receipt:
     """`finals`: run_id, loss, dataset, seed, init_hash, batches_hash, splits (None where a tag is missing);
-    `trials`: run_id, name, stage, splits of every tuning run of the experiment."""
+    `trials`: run_id, name, stage, status, splits of every tuning run of the experiment. A missing tag reads
+    as NaN (pandas' string columns hold no None), so every reader checks for a string."""
 
     finals: pd.DataFrame
     trials: pd.DataFrame
@@ -56,12 +57,13 @@ def read_receipt(tracker: Tracker, final: pd.DataFrame) -> Receipt:
             "run_id": run.info.run_id,
             "name": run.info.run_name,
             "stage": stage,
+            "status": run.info.status,
             "splits": _tag(run.data.tags, SPLITS_TAG),
         }
         for stage in TRIAL_STAGES
         for run in tracker.find_runs(tags={"stage": stage})
     ]
-    return Receipt(finals, pd.DataFrame(trials, columns=["run_id", "name", "stage", "splits"]))
+    return Receipt(finals, pd.DataFrame(trials, columns=["run_id", "name", "stage", "status", "splits"]))
 
 
 def _short(value: str) -> str:
@@ -73,8 +75,10 @@ def _finals_of(receipt: Receipt, dataset: str | None) -> pd.DataFrame:
     return finals if dataset is None else finals[finals["dataset"] == dataset]
 
 
-def _tested(splits: str | None) -> bool:
-    return any(name.startswith("test") for name in (splits or "").split(","))
+def _tested(splits: object) -> bool:
+    """Whether a run's splits tag names a test split; a run that never logged it (killed before its first
+    evaluation ended, or logged before receipts existed) named none."""
+    return isinstance(splits, str) and any(name.startswith("test") for name in splits.split(","))
 
 
 def breaches(receipt: Receipt, dataset: str | None = None) -> list[str]:
@@ -136,8 +140,12 @@ def _trials_text(trials: pd.DataFrame) -> str:
     counts = ", ".join(f"{splits} ({n})" for splits, n in sorted(Counter(tagged["splits"]).items()))
     runs = f"{len(trials)} trial run" + ("s" if len(trials) > 1 else "")
     text = f"- tuning: {runs}; splits evaluated: {counts or 'none recorded'}"
-    if len(tagged) < len(trials):
-        text += f" ({len(trials) - len(tagged)} without a receipt)"
+    untagged = trials[trials["splits"].isna()]
+    if len(untagged):
+        unfinished = int((untagged["status"] != "FINISHED").sum())
+        text += f" ({len(untagged)} without a receipt" + (
+            f", {unfinished} of them unfinished: killed, failed or still running)" if unfinished else ")"
+        )
     tested = tagged[tagged["splits"].map(_tested)]
     if tested.empty:
         return text + "; none evaluated a test split"

@@ -177,3 +177,25 @@ def test_the_session_report_prints_the_receipt_of_its_trained_runs(store, report
     unchecked = next(line for line in markdown.splitlines() if "unchecked" in line)
     bare = [r.info.run_id for r in finals if "fairness.init_hash" not in r.data.tags]
     assert len(bare) == 5 and all(run_id in unchecked for run_id in bare)
+
+
+@pytest.mark.parametrize("status", ["RUNNING", "KILLED", "FAILED"])
+def test_a_trial_killed_before_its_receipt_is_unfinished_not_a_breach(
+    tracker, tracking_uri, fair, tmp_path, status
+):
+    """A trial killed mid-run (SIGKILL leaves its MLflow run RUNNING) never logged `fairness.splits`; the
+    missing tag reads as NaN, which must count as no split evaluated, and a real leak still breaks it."""
+    killed = tracker.start_run("study-trial5", {"stage": "trial"})
+    if status != "RUNNING":
+        tracker.end_run(killed, status)
+    fairness = read(tracker)
+    assert receipt.breaches(fairness) == []
+    lines = receipt.render(fairness, "folder").splitlines()
+    assert (
+        "- tuning: 3 trial runs; splits evaluated: val (2) (1 without a receipt, 1 of them unfinished: "
+        "killed, failed or still running); none evaluated a test split"
+    ) in lines
+    assert main(report_args(tracking_uri, tmp_path)) == 0
+    leak = log_trial(tracker, 7, "val,test")
+    (found,) = receipt.breaches(read(tracker))
+    assert leak in found and killed not in found
