@@ -104,16 +104,22 @@ def query_groups(
 
 @contextmanager
 def cuda_matmul_precision(tf32: bool) -> Iterator[None]:
-    """fp32 products on CUDA in TF32 (fp32 accumulation) inside the block when `tf32`; restored after."""
-    if not tf32:
+    """fp32 products on CUDA in TF32 (fp32 accumulation) inside the block when `tf32`; restored after.
+
+    Set through the legacy flag, which leaves both APIs readable inside: after the new API's
+    `matmul.fp32_precision = "tf32"`, reading `matmul.allow_tf32` or `torch.get_float32_matmul_precision()`
+    raises ("mix of the legacy and new APIs"). A caller already in TF32 through the new API is left alone,
+    since reading its legacy flag would raise; an untouched "none" reads "ieee" afterwards, the same
+    precision."""
+    matmul = torch.backends.cuda.matmul
+    if not tf32 or matmul.fp32_precision == "tf32":
         yield
         return
-    matmul = torch.backends.cuda.matmul
-    previous, matmul.fp32_precision = matmul.fp32_precision, "tf32"
+    previous, matmul.allow_tf32 = matmul.allow_tf32, True
     try:
         yield
     finally:
-        matmul.fp32_precision = previous
+        matmul.allow_tf32 = previous
 
 
 class _Gram(torch.autograd.Function):
@@ -131,6 +137,26 @@ class _Gram(torch.autograd.Function):
         (emb,) = ctx.saved_tensors
         with cuda_matmul_precision(ctx.tf32):
             return (grad + grad.T) @ emb, None
+
+
+class _Cross(torch.autograd.Function):
+    """S = Q R^T for queries Q and a retrieval set R, both products of the backward in the same precision as
+    the forward's (autograd's own backward would run outside the TF32 context)."""
+
+    @staticmethod
+    def forward(ctx, queries, refs, tf32):
+        ctx.save_for_backward(queries, refs)
+        ctx.tf32 = tf32
+        with cuda_matmul_precision(tf32):
+            return queries @ refs.T
+
+    @staticmethod
+    def backward(ctx, grad):
+        queries, refs = ctx.saved_tensors
+        with cuda_matmul_precision(ctx.tf32):
+            grad_queries = grad @ refs if ctx.needs_input_grad[0] else None
+            grad_refs = grad.T @ queries if ctx.needs_input_grad[1] else None
+        return grad_queries, grad_refs, None
 
 
 class _Block(NamedTuple):
@@ -354,8 +380,7 @@ class SmoothAP(torch.nn.Module):
             labels, ref_labels = check_refs(
                 "smooth_ap", emb, labels, ref_embeddings, ref_labels, query_offset
             )
-            with cuda_matmul_precision(self.tf32):
-                sims = emb @ ref_embeddings.to(dtype).T
+            sims = _Cross.apply(emb, ref_embeddings.to(dtype), self.tf32)
             loss = smooth_ap_loss_from_similarities(
                 sims,
                 labels,
