@@ -28,12 +28,12 @@ gradient. Peak memory is O(B^2 + chunk_elements), with at least one query's m x 
 never B^3.
 
 Backends (`backend`): `torch`, the blocks above, everywhere; `triton` (`losses._smooth_ap_triton`), kernels
-that stream each query's row of S once for all of its positives and never store a sigmoid, so memory is S, its
-gradient and B x P sums; `auto` (the default) takes Triton on CUDA when it is installed and no query has more
-than its 512 positives, else torch. Both compute the same function; the tests check them against each other in
-float64 under Triton's CPU interpreter. `tf32=True` computes the similarity products (forward and backward)
-in TF32 on CUDA, fp32 accumulation: the loss's other FLOPs, B x B x D twice, at several times fp32's rate. Off
-by default: TF32 rounds the inputs to a 10-bit mantissa, and the temperature magnifies what that does to S;
+that stream each query's row of S once per chunk of 64 positives and never store a sigmoid, so memory is S,
+its gradient and B x P sums; `auto` (the default) takes Triton on CUDA when it is installed, else torch. Both
+compute the same function; the tests check them against each other in float64 under Triton's CPU
+interpreter. `tf32=True` computes the similarity products (forward and backward) in TF32 on CUDA, fp32
+accumulation: the loss's other FLOPs, B x B x D twice, at several times fp32's rate. Off by default: TF32
+rounds the inputs to a 10-bit mantissa, and the temperature magnifies what that does to S;
 `bench loss` states the loss and gradient error against fp32. It changes nothing on a CPU.
 
 Queries x gallery form (`losses._refs`): `loss(embeddings, labels, ref_embeddings, ref_labels, query_offset)`
@@ -265,30 +265,19 @@ class _SmoothAPRanking(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-def _triton_positive_limit() -> int:
-    from losses._smooth_ap_triton import MAX_POSITIVES
-
-    return MAX_POSITIVES
-
-
 @functools.cache
 def triton_installed() -> bool:
     """Looked up once: the lookup scans sys.path (tens of microseconds), too slow for every training step."""
     return importlib.util.find_spec("triton") is not None
 
 
-def use_triton(backend: Backend, sims: Tensor, groups: list[tuple[Tensor, Tensor]]) -> bool:
-    """Whether the Triton kernels compute the ranking: `auto` takes them on CUDA when Triton is installed and
-    no query has more positives than they hold in registers; `triton` insists (on CUDA, or on CPU tensors
-    under Triton's interpreter, TRITON_INTERPRET=1)."""
+def use_triton(backend: Backend, sims: Tensor) -> bool:
+    """Whether the Triton kernels compute the ranking: `auto` takes them on CUDA when Triton is installed;
+    `triton` insists (on CUDA, or on CPU tensors under Triton's interpreter, TRITON_INTERPRET=1)."""
     if backend == "torch":
         return False
     if backend == "auto":
-        return (
-            sims.is_cuda
-            and triton_installed()
-            and max(positives.shape[1] for _, positives in groups) <= _triton_positive_limit()
-        )
+        return sims.is_cuda and triton_installed()
     if not triton_installed():
         raise ImportError("smooth_ap: backend='triton' needs Triton (pip install triton), or use 'torch'")
     if not sims.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -321,7 +310,7 @@ def smooth_ap_loss_from_similarities(
     groups = query_groups(labels, include_self, sims.device, ref_labels, query_offset)
     if not groups:
         return None
-    if use_triton(backend, sims, groups):
+    if use_triton(backend, sims):
         from losses._smooth_ap_triton import smooth_ap_ranking
 
         return smooth_ap_ranking(sims, groups, float(temperature), bool(include_self), int(query_offset))
