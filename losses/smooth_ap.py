@@ -271,13 +271,37 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.cache
+def triton_compiles(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether both kernels compile and run on `device` for `dtype`, tried once on a 4 x 4 problem.
+
+    Triton builds each kernel's launcher with the machine's C compiler and Python headers on first use; where
+    either is missing, `auto` warns once and takes the torch path rather than failing the run."""
+    from losses._smooth_ap_triton import smooth_ap_ranking
+
+    sims = torch.eye(4, device=device, dtype=dtype).requires_grad_()
+    try:
+        groups = query_groups(torch.tensor([0, 0, 1, 1]), False, device)
+        smooth_ap_ranking(sims, groups, 0.1, False).backward()
+    except Exception as error:  # a compiler, header or driver failure: anything Triton raises
+        warnings.warn(
+            f"smooth_ap: backend 'auto' takes the torch path: the Triton kernels did not compile or run on "
+            f"{device} ({type(error).__name__}: {error})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    return True
+
+
 def use_triton(backend: Backend, sims: Tensor) -> bool:
-    """Whether the Triton kernels compute the ranking: `auto` takes them on CUDA when Triton is installed;
-    `triton` insists (on CUDA, or on CPU tensors under Triton's interpreter, TRITON_INTERPRET=1)."""
+    """Whether the Triton kernels compute the ranking: `auto` takes them on CUDA when Triton is installed and
+    they compile there (else torch, with one warning); `triton` insists (on CUDA, or on CPU tensors under
+    Triton's interpreter, TRITON_INTERPRET=1)."""
     if backend == "torch":
         return False
     if backend == "auto":
-        return sims.is_cuda and triton_installed()
+        return sims.is_cuda and triton_installed() and triton_compiles(sims.device, sims.dtype)
     if not triton_installed():
         raise ImportError("smooth_ap: backend='triton' needs Triton (pip install triton), or use 'torch'")
     if not sims.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":

@@ -174,3 +174,43 @@ def test_triton_on_cpu_without_the_interpreter_is_refused(monkeypatch):
         SmoothAP(backend="triton")(emb, torch.arange(8) % 2)
     with pytest.raises(ValueError, match="backend must be one of"):
         SmoothAP(backend="cuda")
+
+
+class _CudaLike:
+    """What `use_triton` reads of S: a CUDA tensor's flags, on the CPU where the interpreter runs kernels."""
+
+    is_cuda = True
+    device = torch.device("cpu")
+    dtype = torch.float64
+
+
+@pytest.fixture
+def fresh_compile_check():
+    from losses.smooth_ap import triton_compiles
+
+    triton_compiles.cache_clear()
+    yield
+    triton_compiles.cache_clear()
+
+
+def test_auto_falls_back_to_torch_with_one_warning_when_triton_cannot_compile(
+    monkeypatch, fresh_compile_check
+):
+    """The error Triton raises on a machine without a C compiler, from the first launch."""
+
+    class Uncompilable:
+        def __getitem__(self, grid):
+            raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(kernels, "_forward_kernel", Uncompilable())
+    with pytest.warns(RuntimeWarning, match="takes the torch path.*Failed to find C compiler") as caught:
+        assert not use_triton("auto", _CudaLike())
+        assert not use_triton("auto", _CudaLike())  # tried once
+    assert len(caught) == 1
+    with pytest.raises(RuntimeError, match="C compiler"):  # `triton` insists: the error reaches the caller
+        loss_and_grad(torch.eye(4, dtype=torch.float64), torch.tensor([0, 0, 1, 1]), "triton")
+
+
+def test_auto_keeps_triton_where_it_compiles(fresh_compile_check, recwarn):
+    assert use_triton("auto", _CudaLike())
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
