@@ -233,7 +233,8 @@ class _TritonRanking(torch.autograd.Function):
     def backward(ctx, grad_output):
         (sims,) = ctx.saved_tensors
         groups, sums, num_queries, temperature, include_self, query_offset = ctx.settings
-        grad = torch.zeros_like(sims)  # rows of queries without a positive stay zero
+        # the kernels write every column of a query's row; only rows of queries without a positive need zeros
+        grad = torch.empty_like(sims) if num_queries == sims.shape[0] else torch.zeros_like(sims)
         for (queries, positives), (numer, denom) in zip(groups, sums, strict=True):
             # L = 1 - sum w N/D, w = 1/(#queries * m); the 1/T of d(sig)/ds is folded into the coefficients
             coef = grad_output / (num_queries * positives.shape[1] * temperature)

@@ -123,7 +123,11 @@ def cuda_matmul_precision(tf32: bool) -> Iterator[None]:
 
 
 class _Gram(torch.autograd.Function):
-    """S = E E^T with a one-matmul backward, dE = (G + G^T) E (autograd's mm backward takes two)."""
+    """S = E E^T with a one-matmul backward, dE = (G + G^T) E (autograd's mm backward takes two).
+
+    G + G^T is formed in G's own memory, tile pair by tile pair, rather than in a third B x B buffer (17 GB
+    at B = 65,536): S never leaves `SmoothAP.forward`, so G is the ranking backward's fresh buffer. A G that
+    is not a plain contiguous matrix (the zero loss's expanded gradient) takes the out-of-place sum."""
 
     @staticmethod
     def forward(ctx, emb, tf32):
@@ -135,8 +139,26 @@ class _Gram(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (emb,) = ctx.saved_tensors
+        symmetric = symmetrize_(grad) if grad.is_contiguous() else grad + grad.T
         with cuda_matmul_precision(ctx.tf32):
-            return (grad + grad.T) @ emb, None
+            return symmetric @ emb, None
+
+
+SYMMETRIZE_TILE = 4096  # rows and columns per tile of the in-place G + G^T: a 64 MB temporary in fp32
+
+
+def symmetrize_(matrix: Tensor) -> Tensor:
+    """matrix <- matrix + matrix^T in place, one pair of mirrored tiles at a time."""
+    size, tile = matrix.shape[0], SYMMETRIZE_TILE
+    for row in range(0, size, tile):
+        for col in range(row, size, tile):
+            upper = matrix[row : row + tile, col : col + tile]
+            lower = matrix[col : col + tile, row : row + tile]
+            total = upper + lower.T
+            upper.copy_(total)
+            if col != row:
+                lower.copy_(total.T)
+    return matrix
 
 
 class _Cross(torch.autograd.Function):
@@ -242,7 +264,8 @@ class _SmoothAPRanking(torch.autograd.Function):
     def backward(ctx, grad_output):
         (sims,) = ctx.saved_tensors
         blocks, all_numer, all_denom, cached, num_queries, temperature, include_self = ctx.settings
-        grad = torch.zeros_like(sims)
+        # the blocks write every row of a query; only rows of queries without a positive need zeros
+        grad = torch.empty_like(sims) if num_queries == sims.shape[0] else torch.zeros_like(sims)
         for block, kept in zip(blocks, cached, strict=True):
             if kept is None:
                 sig = _block_sigmoids(sims, block, temperature, include_self)

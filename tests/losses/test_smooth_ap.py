@@ -201,3 +201,55 @@ def test_tf32_covers_every_product_forward_and_backward(with_refs):
             SmoothAP(tf32=True, backend="torch")(emb, labels).backward()
     assert len(seen) >= 2 and all(seen)
     assert refs.grad is not None if with_refs else emb.grad is not None
+
+
+def test_symmetrize_in_place_is_a_plus_a_transposed(monkeypatch):
+    import losses.smooth_ap as smooth_ap
+
+    monkeypatch.setattr(smooth_ap, "SYMMETRIZE_TILE", 3)  # partial tiles, off-diagonal pairs, the diagonal
+    matrix = torch.randn(8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = matrix + matrix.T
+    assert smooth_ap.symmetrize_(matrix) is matrix
+    assert torch.equal(matrix, expected)
+
+
+def test_gram_backward_makes_no_third_square_buffer(monkeypatch):
+    """dE = (G + G^T) E, with G + G^T formed in G's memory: no op outputs another B x B matrix."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import losses.smooth_ap as smooth_ap
+
+    monkeypatch.setattr(smooth_ap, "SYMMETRIZE_TILE", 4)
+    gen = torch.Generator().manual_seed(1)
+    emb = torch.randn(16, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(16, 16, generator=gen, dtype=torch.float64)
+    expected = (grad + grad.T) @ emb.detach()  # before the backward symmetrises `grad` in place
+    squares = []
+
+    class Squares(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.shape == (16, 16) and out.data_ptr() != grad.data_ptr():
+                squares.append(str(func))
+            return out
+
+    sims = smooth_ap._Gram.apply(emb, False)
+    with Squares():
+        sims.backward(grad)
+    torch.testing.assert_close(emb.grad, expected, rtol=0, atol=1e-12)
+    assert [op for op in squares if "view" not in op and "transpose" not in op] == []
+
+
+def test_rows_of_queries_without_a_positive_get_zero_gradient():
+    """The backward leaves such rows unwritten, so their buffer must start at zero, whatever memory the
+    allocator hands back (freed NaNs just before)."""
+    labels = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4, 5])  # classes 1, 3 and 5 have a single item
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        poison = torch.full((10, 10), float("nan"), dtype=torch.float64)
+        del poison
+        sims = torch.randn(10, 10, generator=gen, dtype=torch.float64).requires_grad_()
+        SmoothAP(temperature=0.1, backend="torch").forward_similarities(sims, labels).backward()
+        assert torch.isfinite(sims.grad).all()
+        assert torch.equal(sims.grad[[2, 6, 9]], torch.zeros(3, 10, dtype=torch.float64))
+        assert sims.grad[[0, 1, 3, 4, 5, 7, 8]].abs().sum() > 0
