@@ -224,6 +224,11 @@ def add_gpu_check(bench_commands) -> None:
     )
     check.add_argument("--machine", help="the machine's name for the report (default: the GPU's name)")
     check.add_argument(
+        "--only",
+        type=lambda text: text.split(","),
+        help="comma-separated stage names to run, e.g. to rerun what timed out (default: all; see --dry-run)",
+    )
+    check.add_argument(
         "--dry-run", action="store_true", help="list each stage, its time limit and its figures; run nothing"
     )
     add_output(check, "the same as --budget (every bench command takes --timeout)")

@@ -443,4 +443,5 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 def cmd_bench_gpu_check(args: argparse.Namespace) -> int:
     from bench.benchmarks.gpu_check import run_gpu_check
 
-    return run_gpu_check(args.out, args.timeout or args.budget, args.machine, args.dry_run, args.json)
+    budget = args.timeout or args.budget
+    return run_gpu_check(args.out, budget, args.machine, args.dry_run, args.json, only=args.only)

@@ -84,6 +84,11 @@ def test_runner_limits_each_stage_reads_figures_and_writes_both_reports(tmp_path
     run_gpu_check(str(tmp_path / "spent"), 0.5, None, all_stages=[after_budget])
     spent = json.loads((tmp_path / "spent" / "report.json").read_text())
     assert spent["stages"][0]["status"] == "skipped: budget spent"
+    run_gpu_check(str(tmp_path / "only"), 300, None, all_stages=[fast, after_budget], only=["late"])
+    only = json.loads((tmp_path / "only" / "report.json").read_text())
+    assert [stage["name"] for stage in only["stages"]] == ["late"]
+    with pytest.raises(ValueError, match="no stage nope; the stages are fast, late"):
+        run_gpu_check(str(tmp_path / "x"), 300, None, all_stages=[fast, after_budget], only=["nope"])
 
 
 @pytest.mark.parametrize("command", ["loss", "eval", "data", "train", "gpu-check"])
