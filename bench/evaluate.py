@@ -30,8 +30,10 @@ def embed_tensor(
     batch_size: int = 512,
     num_workers: int = 0,
     channels_last: bool = False,
+    amp: bool = True,
 ) -> torch.Tensor:
-    """Embeddings of every item, in item order, as float32 (N, D) left on `device` for the search."""
+    """Embeddings of every item, in item order, as float32 (N, D) left on `device` for the search; the model
+    runs under bf16 autocast on CUDA when `amp` (`train.amp`, as in training), else in fp32."""
     was_training = model.training
     model.eval()
     loader = DataLoader(
@@ -42,7 +44,7 @@ def embed_tensor(
         pin_memory=device.type == "cuda",
     )
     chunks = []
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and amp)
     for images, _ in loader:
         images = images.to(device, non_blocking=True)
         if channels_last:
@@ -73,6 +75,7 @@ def evaluate_split(
     num_workers: int = 0,
     channels_last: bool = False,
     clustering: bool | None = None,
+    amp: bool = True,
 ) -> dict[str, float]:
     """Metrics of one split, keyed `<split>/<metric>` (for example `test/recall_at_1`).
 
@@ -92,6 +95,7 @@ def evaluate_split(
         batch_size=config.batch_size,
         num_workers=num_workers,
         channels_last=channels_last,
+        amp=amp,
     )
     query, labels = embed_set(split.query), split.query.labels
     spread = {}

@@ -28,12 +28,12 @@ gradient. Peak memory is O(B^2 + chunk_elements), with at least one query's m x 
 never B^3.
 
 Backends (`backend`): `torch`, the blocks above, everywhere; `triton` (`losses._smooth_ap_triton`), kernels
-that stream each query's row of S once for all of its positives and never store a sigmoid, so memory is S, its
-gradient and B x P sums; `auto` (the default) takes Triton on CUDA when it is installed and no query has more
-than its 512 positives, else torch. Both compute the same function; the tests check them against each other in
-float64 under Triton's CPU interpreter. `tf32=True` computes the similarity products (forward and backward)
-in TF32 on CUDA, fp32 accumulation: the loss's other FLOPs, B x B x D twice, at several times fp32's rate. Off
-by default: TF32 rounds the inputs to a 10-bit mantissa, and the temperature magnifies what that does to S;
+that stream each query's row of S once per chunk of 64 positives and never store a sigmoid, so memory is S,
+its gradient and B x P sums; `auto` (the default) takes Triton on CUDA when it is installed, else torch. Both
+compute the same function; the tests check them against each other in float64 under Triton's CPU
+interpreter. `tf32=True` computes the similarity products (forward and backward) in TF32 on CUDA, fp32
+accumulation: the loss's other FLOPs, B x B x D twice, at several times fp32's rate. Off by default: TF32
+rounds the inputs to a 10-bit mantissa, and the temperature magnifies what that does to S;
 `bench loss` states the loss and gradient error against fp32. It changes nothing on a CPU.
 
 Queries x gallery form (`losses._refs`): `loss(embeddings, labels, ref_embeddings, ref_labels, query_offset)`
@@ -104,20 +104,30 @@ def query_groups(
 
 @contextmanager
 def cuda_matmul_precision(tf32: bool) -> Iterator[None]:
-    """fp32 products on CUDA in TF32 (fp32 accumulation) inside the block when `tf32`; restored after."""
-    if not tf32:
+    """fp32 products on CUDA in TF32 (fp32 accumulation) inside the block when `tf32`; restored after.
+
+    Set through the legacy flag, which leaves both APIs readable inside: after the new API's
+    `matmul.fp32_precision = "tf32"`, reading `matmul.allow_tf32` or `torch.get_float32_matmul_precision()`
+    raises ("mix of the legacy and new APIs"). A caller already in TF32 through the new API is left alone,
+    since reading its legacy flag would raise; an untouched "none" reads "ieee" afterwards, the same
+    precision."""
+    matmul = torch.backends.cuda.matmul
+    if not tf32 or matmul.fp32_precision == "tf32":
         yield
         return
-    matmul = torch.backends.cuda.matmul
-    previous, matmul.fp32_precision = matmul.fp32_precision, "tf32"
+    previous, matmul.allow_tf32 = matmul.allow_tf32, True
     try:
         yield
     finally:
-        matmul.fp32_precision = previous
+        matmul.allow_tf32 = previous
 
 
 class _Gram(torch.autograd.Function):
-    """S = E E^T with a one-matmul backward, dE = (G + G^T) E (autograd's mm backward takes two)."""
+    """S = E E^T with a one-matmul backward, dE = (G + G^T) E (autograd's mm backward takes two).
+
+    G + G^T is formed in G's own memory, tile pair by tile pair, rather than in a third B x B buffer (17 GB
+    at B = 65,536): S never leaves `SmoothAP.forward`, so G is the ranking backward's fresh buffer. A G that
+    is not a plain contiguous matrix (the zero loss's expanded gradient) takes the out-of-place sum."""
 
     @staticmethod
     def forward(ctx, emb, tf32):
@@ -129,8 +139,46 @@ class _Gram(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (emb,) = ctx.saved_tensors
+        symmetric = symmetrize_(grad) if grad.is_contiguous() else grad + grad.T
         with cuda_matmul_precision(ctx.tf32):
-            return (grad + grad.T) @ emb, None
+            return symmetric @ emb, None
+
+
+SYMMETRIZE_TILE = 4096  # rows and columns per tile of the in-place G + G^T: a 64 MB temporary in fp32
+
+
+def symmetrize_(matrix: Tensor) -> Tensor:
+    """matrix <- matrix + matrix^T in place, one pair of mirrored tiles at a time."""
+    size, tile = matrix.shape[0], SYMMETRIZE_TILE
+    for row in range(0, size, tile):
+        for col in range(row, size, tile):
+            upper = matrix[row : row + tile, col : col + tile]
+            lower = matrix[col : col + tile, row : row + tile]
+            total = upper + lower.T
+            upper.copy_(total)
+            if col != row:
+                lower.copy_(total.T)
+    return matrix
+
+
+class _Cross(torch.autograd.Function):
+    """S = Q R^T for queries Q and a retrieval set R, both products of the backward in the same precision as
+    the forward's (autograd's own backward would run outside the TF32 context)."""
+
+    @staticmethod
+    def forward(ctx, queries, refs, tf32):
+        ctx.save_for_backward(queries, refs)
+        ctx.tf32 = tf32
+        with cuda_matmul_precision(tf32):
+            return queries @ refs.T
+
+    @staticmethod
+    def backward(ctx, grad):
+        queries, refs = ctx.saved_tensors
+        with cuda_matmul_precision(ctx.tf32):
+            grad_queries = grad @ refs if ctx.needs_input_grad[0] else None
+            grad_refs = grad.T @ queries if ctx.needs_input_grad[1] else None
+        return grad_queries, grad_refs, None
 
 
 class _Block(NamedTuple):
@@ -216,7 +264,8 @@ class _SmoothAPRanking(torch.autograd.Function):
     def backward(ctx, grad_output):
         (sims,) = ctx.saved_tensors
         blocks, all_numer, all_denom, cached, num_queries, temperature, include_self = ctx.settings
-        grad = torch.zeros_like(sims)
+        # the blocks write every row of a query; only rows of queries without a positive need zeros
+        grad = torch.empty_like(sims) if num_queries == sims.shape[0] else torch.zeros_like(sims)
         for block, kept in zip(blocks, cached, strict=True):
             if kept is None:
                 sig = _block_sigmoids(sims, block, temperature, include_self)
@@ -239,30 +288,43 @@ class _SmoothAPRanking(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-def _triton_positive_limit() -> int:
-    from losses._smooth_ap_triton import MAX_POSITIVES
-
-    return MAX_POSITIVES
-
-
 @functools.cache
 def triton_installed() -> bool:
     """Looked up once: the lookup scans sys.path (tens of microseconds), too slow for every training step."""
     return importlib.util.find_spec("triton") is not None
 
 
-def use_triton(backend: Backend, sims: Tensor, groups: list[tuple[Tensor, Tensor]]) -> bool:
+@functools.cache
+def triton_compiles(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether both kernels compile and run on `device` for `dtype`, tried once on a 4 x 4 problem.
+
+    Triton builds each kernel's launcher with the machine's C compiler and Python headers on first use; where
+    either is missing, `auto` warns once and takes the torch path rather than failing the run."""
+    from losses._smooth_ap_triton import smooth_ap_ranking
+
+    sims = torch.eye(4, device=device, dtype=dtype).requires_grad_()
+    try:
+        groups = query_groups(torch.tensor([0, 0, 1, 1]), False, device)
+        smooth_ap_ranking(sims, groups, 0.1, False).backward()
+    except Exception as error:  # a compiler, header or driver failure: anything Triton raises
+        warnings.warn(
+            f"smooth_ap: backend 'auto' takes the torch path: the Triton kernels did not compile or run on "
+            f"{device} ({type(error).__name__}: {error})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    return True
+
+
+def use_triton(backend: Backend, sims: Tensor) -> bool:
     """Whether the Triton kernels compute the ranking: `auto` takes them on CUDA when Triton is installed and
-    no query has more positives than they hold in registers; `triton` insists (on CUDA, or on CPU tensors
-    under Triton's interpreter, TRITON_INTERPRET=1)."""
+    they compile there (else torch, with one warning); `triton` insists (on CUDA, or on CPU tensors under
+    Triton's interpreter, TRITON_INTERPRET=1)."""
     if backend == "torch":
         return False
     if backend == "auto":
-        return (
-            sims.is_cuda
-            and triton_installed()
-            and max(positives.shape[1] for _, positives in groups) <= _triton_positive_limit()
-        )
+        return sims.is_cuda and triton_installed() and triton_compiles(sims.device, sims.dtype)
     if not triton_installed():
         raise ImportError("smooth_ap: backend='triton' needs Triton (pip install triton), or use 'torch'")
     if not sims.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -295,7 +357,7 @@ def smooth_ap_loss_from_similarities(
     groups = query_groups(labels, include_self, sims.device, ref_labels, query_offset)
     if not groups:
         return None
-    if use_triton(backend, sims, groups):
+    if use_triton(backend, sims):
         from losses._smooth_ap_triton import smooth_ap_ranking
 
         return smooth_ap_ranking(sims, groups, float(temperature), bool(include_self), int(query_offset))
@@ -354,8 +416,7 @@ class SmoothAP(torch.nn.Module):
             labels, ref_labels = check_refs(
                 "smooth_ap", emb, labels, ref_embeddings, ref_labels, query_offset
             )
-            with cuda_matmul_precision(self.tf32):
-                sims = emb @ ref_embeddings.to(dtype).T
+            sims = _Cross.apply(emb, ref_embeddings.to(dtype), self.tf32)
             loss = smooth_ap_loss_from_similarities(
                 sims,
                 labels,

@@ -352,3 +352,65 @@ def test_placements_parse_and_name_what_is_wrong():
 def test_eval_bench_on_cuda_without_a_gpu_fails_before_any_work():
     with pytest.raises(ValueError, match=r"--backend torch@cuda: no CUDA device is available"):
         run_eval_bench(n=600, dim=32, n_classes=110, backend="faiss,torch@cuda", isolate=False)
+
+
+def test_a_gpu_chunk_takes_a_share_of_free_memory_not_a_fixed_budget(monkeypatch):
+    """A 1M gallery with 8 GiB free: far more than the 19 queries a fixed 512 MiB allowed, within the free
+    memory (28 bytes per query x item pair, the searcher's own estimate)."""
+    gallery = torch.zeros(4, 8)
+    searcher = metrics_module._TorchSearcher(gallery)
+    searcher.device = torch.device("cuda")  # as for CUDA embeddings; only the memory query is faked
+    free = 8 * 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 80 * 2**30))
+    rows = metrics_module._chunk_rows(searcher, 1_000_000, 4, None)
+    assert rows > 100 and rows * 1_000_000 * 28 <= free
+    assert metrics_module._chunk_rows(metrics_module._TorchSearcher(gallery), 1_000_000, 4, None) == 19
+
+
+@pytest.mark.parametrize("api", ["legacy", "new"])
+def test_the_search_products_run_in_full_fp32_whatever_the_caller_set(api):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Products(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+                seen.append(torch.backends.cuda.matmul.fp32_precision)
+            return func(*args, **(kwargs or {}))
+
+    matmul = torch.backends.cuda.matmul
+    x = torch.nn.functional.normalize(torch.randn(30, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    before = matmul.fp32_precision
+    try:
+        if api == "legacy":
+            matmul.allow_tf32 = True
+        else:
+            matmul.fp32_precision = "tf32"
+        with Products():
+            knn(x, None, 3, exclude_self=True, backend="torch")
+        assert seen and set(seen) == {"ieee"}
+        assert matmul.fp32_precision == "tf32"  # the caller's setting, restored through its own API
+        if api == "legacy":
+            assert matmul.allow_tf32
+    finally:  # each API restored through itself: a mix of the two makes the next read raise
+        if api == "legacy":
+            matmul.allow_tf32 = False
+        else:
+            matmul.fp32_precision = before
+
+
+def test_evaluation_embeds_in_the_precision_training_uses(monkeypatch):
+    """train.amp reaches the evaluation's embedding pass (bf16 autocast on CUDA only when it is on)."""
+    from types import SimpleNamespace
+
+    import bench.train.hooks as hooks
+    from bench.config import EvalConfig
+
+    calls = []
+    monkeypatch.setattr(hooks, "evaluate_split", lambda *args, **kwargs: calls.append(kwargs) or {})
+    for amp in (False, True):
+        exp = SimpleNamespace(train=SimpleNamespace(amp=amp, channels_last=False), eval=EvalConfig())
+        exp.data = SimpleNamespace(num_workers=0)
+        hooks._evaluate(SimpleNamespace(device=torch.device("cpu"), exp=exp, model=None), split=None)
+    assert [call.get("amp") for call in calls] == [False, True]

@@ -16,6 +16,12 @@ def int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def add_output(command, timeout_help: str) -> None:
+    """`--json PATH` and `--timeout SECONDS`, which every bench command takes (for `bench gpu-check`)."""
+    command.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
+    command.add_argument("--timeout", type=float, metavar="SECONDS", help=timeout_help)
+
+
 def add_loss_bench(bench_commands) -> None:
     """`bench loss`: forward+backward time and peak memory of every loss."""
     loss = bench_commands.add_parser(
@@ -61,6 +67,7 @@ def add_loss_bench(bench_commands) -> None:
         help="skip the B x B x B algorithm where it would need more memory (default: 4)",
     )
     loss.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    add_output(loss, "seconds per case, each in its own process (default: 600)")
     loss.set_defaults(handler=handlers.cmd_bench_loss)
 
 
@@ -90,6 +97,7 @@ def add_eval_bench(bench_commands) -> None:
         action="store_true",
         help="also evaluate 136,093 x 512 (iNaturalist's test size) at each placement and report peak memory",
     )
+    add_output(evaluation, "stop the whole command after this many seconds (default: no limit)")
     evaluation.set_defaults(handler=handlers.cmd_bench_eval)
 
 
@@ -109,6 +117,7 @@ def add_data_bench(bench_commands) -> None:
     data_bench.add_argument("--workers", type=int, help="DataLoader workers (default: the config's)")
     data_bench.add_argument("--batch-size", type=int, help="images per batch (default: the config's)")
     data_bench.add_argument("--batches", type=int, default=20, help="batches to time (default: 20)")
+    add_output(data_bench, "stop the whole command after this many seconds (default: no limit)")
     data_bench.set_defaults(handler=handlers.cmd_bench_data)
 
 
@@ -161,7 +170,6 @@ def add_train_bench(bench_commands) -> None:
     train.add_argument(
         "--threads", type=int, help="torch threads shared out among a case's processes (default: all cores)"
     )
-    train.add_argument("--timeout", type=float, default=1800.0, help="seconds per case (default: 1800)")
     train.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     train.add_argument(
         "--decode",
@@ -193,4 +201,35 @@ def add_train_bench(bench_commands) -> None:
         default="bf16",
         help="bf16 autocast (train.amp, CUDA only) or fp32 (default: bf16)",
     )
+    add_output(train, "seconds per case, each in a fresh torchrun launch (default: 1800)")
     train.set_defaults(handler=handlers.cmd_bench_train)
+
+
+def add_gpu_check(bench_commands) -> None:
+    """`bench gpu-check`: the GPU tests and every GPU benchmark in one budget, figures against targets."""
+    check = bench_commands.add_parser(
+        "gpu-check",
+        help="the GPU tests and every GPU benchmark under one time budget: report.json and report.md",
+        description="Records the environment, runs the `gpu` tests and each benchmark (Smooth-AP "
+        "fwd+bwd, the largest loss batch, ResNet-50 training plain vs gradient-cached and its largest batch, "
+        "GPU vs CPU decoding, GPU evaluation vs faiss-cpu and PML) as its own process under its own time "
+        "limit, within the total budget, and writes each figure against its target "
+        "(bench/benchmarks/gpu_check.py).",
+    )
+    check.add_argument(
+        "--out", default="results/gpu", help="folder for report.json, report.md and each stage's output"
+    )
+    check.add_argument(
+        "--budget", type=float, default=480.0, help="seconds for all stages together (default: 480)"
+    )
+    check.add_argument("--machine", help="the machine's name for the report (default: the GPU's name)")
+    check.add_argument(
+        "--only",
+        type=lambda text: text.split(","),
+        help="comma-separated stage names to run, e.g. to rerun what timed out (default: all; see --dry-run)",
+    )
+    check.add_argument(
+        "--dry-run", action="store_true", help="list each stage, its time limit and its figures; run nothing"
+    )
+    add_output(check, "the same as --budget (every bench command takes --timeout)")
+    check.set_defaults(handler=handlers.cmd_bench_gpu_check)

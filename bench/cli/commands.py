@@ -346,6 +346,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 def cmd_bench_loss(args: argparse.Namespace) -> int:
     from bench.benchmarks.loss_bench import format_table, run_loss_bench
+    from bench.benchmarks.output import write_json
     from bench.device import resolve_device
 
     table = run_loss_bench(
@@ -358,18 +359,24 @@ def cmd_bench_loss(args: argparse.Namespace) -> int:
         min_seconds=args.min_seconds,
         threads=args.threads,
         max_bbb_gb=args.max_bbb_gb,
+        timeout_s=600.0 if args.timeout is None else args.timeout,
     )
     print(format_table(table))
+    write_json(args.json, table)
     return 0
 
 
 def cmd_bench_eval(args: argparse.Namespace) -> int:
     from bench.benchmarks.eval_bench import format_table, run_eval_bench, run_memory_check
+    from bench.benchmarks.output import time_limit, write_json
 
-    print(format_table(run_eval_bench(n=args.n, dim=args.dim, n_classes=args.classes, backend=args.backend)))
-    if args.memory_check:
-        check = run_memory_check(backend=args.backend)
-        print(f"memory check (iNaturalist test size): {check}")
+    with time_limit(args.timeout):
+        result = run_eval_bench(n=args.n, dim=args.dim, n_classes=args.classes, backend=args.backend)
+        print(format_table(result))
+        if args.memory_check:
+            result["memory_check"] = run_memory_check(backend=args.backend)
+            print(f"memory check (iNaturalist test size): {result['memory_check']}")
+    write_json(args.json, result)
     return 0
 
 
@@ -377,6 +384,7 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     import tempfile
 
     from bench.benchmarks.data_bench import bench_data, synthetic_folder
+    from bench.benchmarks.output import time_limit, write_json
     from bench.config import DataConfig, load_experiment
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -388,11 +396,14 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
         for key, value in overrides.items():
             if value is not None:
                 setattr(config, key, value)
-        bench_data(config, batches=args.batches)
+        with time_limit(args.timeout):
+            result = bench_data(config, batches=args.batches)
+    write_json(args.json, result)
     return 0
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
+    from bench.benchmarks.output import write_json
     from bench.benchmarks.train_bench import format_table, run_train_bench
     from bench.config import ConfigError
     from bench.device import resolve_device
@@ -416,7 +427,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         device=resolve_device(args.device).type,
         threads=args.threads,
-        timeout_s=args.timeout,
+        timeout_s=1800.0 if args.timeout is None else args.timeout,
         decodes=args.decode,
         modes=args.modes,
         jpeg_images=args.jpeg_images,
@@ -425,4 +436,12 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         amp=args.precision == "bf16",
     )
     print(format_table(table))
+    write_json(args.json, table)
     return 0
+
+
+def cmd_bench_gpu_check(args: argparse.Namespace) -> int:
+    from bench.benchmarks.gpu_check import run_gpu_check
+
+    budget = args.timeout or args.budget
+    return run_gpu_check(args.out, budget, args.machine, args.dry_run, args.json, only=args.only)

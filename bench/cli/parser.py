@@ -10,7 +10,13 @@ import argparse
 
 from bench import layout
 from bench.cli import commands as handlers
-from bench.cli.bench_parser import add_data_bench, add_eval_bench, add_loss_bench, add_train_bench
+from bench.cli.bench_parser import (
+    add_data_bench,
+    add_eval_bench,
+    add_gpu_check,
+    add_loss_bench,
+    add_train_bench,
+)
 from bench.device import DEVICE_CHOICES
 from bench.pipeline import QUICK_EXPERIMENT, QUICK_OVERRIDES
 
@@ -332,3 +338,4 @@ def add_bench(commands) -> None:
     add_eval_bench(bench_commands)
     add_data_bench(bench_commands)
     add_train_bench(bench_commands)
+    add_gpu_check(bench_commands)

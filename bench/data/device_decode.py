@@ -17,6 +17,12 @@ only moves the decoding into the main process. Files that are not JPEGs (PNG) ar
 main process by `torchvision.io.decode_image` and then moved: correct, but slower than `data.decode: cpu`,
 so use that for PNG datasets. A JPEG that the device decoder rejects (nvJPEG lacks some variants, e.g.
 CMYK) is decoded the same way; a file nothing can decode fails naming it.
+
+On CUDA the host waits for the stream's pending work before each device decode and for the decode itself
+after it (`wait_for_device`): nvJPEG writes its output from its own stream into memory that the caching
+allocator may have handed back while kernels queued on the current stream still use it, which corrupted
+live tensors on H100s (pytorch/vision#9606, pytorch/torchcodec#1634: only a host-side wait avoids it). Both
+the training step and evaluation (`bench.evaluate`) decode through `EncodedBatch.to`, so both are covered.
 """
 
 from __future__ import annotations
@@ -188,16 +194,30 @@ def _decode_jpegs(data: list[Tensor], paths: list[str], device: torch.device) ->
     if not data:
         return []
     try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return _decode_jpeg_waiting(data, device)
     except RuntimeError:
         return [_decode_one_jpeg(encoded, path, device) for encoded, path in zip(data, paths, strict=True)]
 
 
 def _decode_one_jpeg(data: Tensor, path: str, device: torch.device) -> Tensor:
     try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return _decode_jpeg_waiting(data, device)
     except RuntimeError:
         return decode_cpu(data, path).to(device)
+
+
+def _decode_jpeg_waiting(data: list[Tensor] | Tensor, device: torch.device) -> list[Tensor] | Tensor:
+    """`decode_jpeg` on `device` between two host-side waits (see the module docstring for why)."""
+    wait_for_device(device)
+    decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    wait_for_device(device)
+    return decoded
+
+
+def wait_for_device(device: torch.device) -> None:
+    """Block the host until the work queued on `device`'s current stream is done; nothing on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 def decode_cpu(data: Tensor, path: str) -> Tensor:

@@ -34,7 +34,13 @@ def _evaluate(trainer: Trainer, split) -> dict[str, float]:
     dev = trainer.device
     channels_last = dev.type == "cuda" and trainer.exp.train.channels_last
     return evaluate_split(
-        trainer.model, split, trainer.exp.eval, dev, trainer.exp.data.num_workers, channels_last
+        trainer.model,
+        split,
+        trainer.exp.eval,
+        dev,
+        trainer.exp.data.num_workers,
+        channels_last,
+        amp=trainer.exp.train.amp,
     )
 
 

@@ -5,7 +5,10 @@ Deep Contrastive Learning Batch Size under Memory Limited Setup"): it embeds the
 graph, computes the loss and dL/dE on the whole batch, then re-embeds each chunk with a graph, its random
 state from the first pass restored, and backpropagates that chunk's rows of dL/dE. Peak activation memory is
 one chunk's, for a second forward pass. With frozen BatchNorm the gradient is the plain step's (to rounding);
-BatchNorm in training mode normalises each chunk by its own statistics, so start-up warns.
+BatchNorm in training mode normalises each chunk by its own statistics, so start-up warns. Its running
+statistics are those of the first pass only: the replay would update them a second time with the same
+chunks. On the device the batch is held once, in its plain layout; each chunk goes to channels_last
+(`train.channels_last`) as it is embedded, so no second full-batch copy exists.
 
 Both take the loss through `compute_loss`, which adds the global batch under torchrun
 (`bench.train.distributed`) and the cross-batch memory (`bench.train.memory`), so the three compose.
@@ -113,14 +116,15 @@ class CachedStep:
         self.chunk_size = chunk_size
 
     def __call__(self, trainer: Trainer, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
-        images, labels = to_device(trainer, images, labels)
+        images, labels = to_device(trainer, images, labels, whole_batch_layout=False)
         chunks = images.split(self.chunk_size)
         states, parts = [], []
         with torch.no_grad():
             for chunk in chunks:
                 states.append(random_state(trainer.device))
                 with autocast(trainer):
-                    parts.append(trainer.forward_model(chunk).float())
+                    parts.append(trainer.forward_model(in_layout(trainer, chunk)).float())
+        first_pass_stats = batchnorm_statistics(trainer.model)
         embeddings = torch.cat(parts).requires_grad_(True)
         terms = compute_loss(trainer, embeddings, labels)
         check_finite(terms.value, trainer)
@@ -133,24 +137,52 @@ class CachedStep:
             set_random_state(trainer.device, state)
             with gradient_sync(trainer, last=index == len(chunks) - 1):
                 with autocast(trainer):
-                    replayed = trainer.forward_model(chunk)
+                    replayed = trainer.forward_model(in_layout(trainer, chunk))
                 replayed.float().backward(chunk_grad)
         set_random_state(trainer.device, after_loss)
+        restore_batchnorm_statistics(trainer.model, first_pass_stats)
         update(trainer)
         return StepResult(
             terms.value, global_grad_norm(trainer, embeddings.grad, terms), images_seen(trainer, labels)
         )
 
 
-def to_device(trainer: Trainer, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+def to_device(
+    trainer: Trainer, images: Tensor, labels: Tensor, whole_batch_layout: bool = True
+) -> tuple[Tensor, Tensor]:
     """The batch on the trainer's device; an EncodedBatch (`data.decode: gpu`) is decoded and augmented there
-    by its `.to` (`bench.data.device_decode`)."""
+    by its `.to` (`bench.data.device_decode`). With `whole_batch_layout` the images are in the model's memory
+    layout (`in_layout`), a host tensor copied straight into it; else the caller lays out each chunk."""
     dev = trainer.device
-    images = images.to(dev, non_blocking=True)
     labels = labels.to(dev, non_blocking=True)
-    if dev.type == "cuda" and trainer.exp.train.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, labels
+    if whole_batch_layout and isinstance(images, Tensor) and channels_last(trainer):
+        return images.to(dev, non_blocking=True, memory_format=torch.channels_last), labels
+    images = images.to(dev, non_blocking=True)
+    return (in_layout(trainer, images) if whole_batch_layout else images), labels
+
+
+def channels_last(trainer: Trainer) -> bool:
+    return trainer.device.type == "cuda" and trainer.exp.train.channels_last
+
+
+def in_layout(trainer: Trainer, images: Tensor) -> Tensor:
+    """`images` in the model's memory layout: channels_last on CUDA with `train.channels_last`."""
+    return images.contiguous(memory_format=torch.channels_last) if channels_last(trainer) else images
+
+
+def batchnorm_statistics(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
+    """(buffer, copy) for each running statistic a forward pass in training mode would update."""
+    saved = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            buffers = (module.running_mean, module.running_var, module.num_batches_tracked)
+            saved += [(buffer, buffer.clone()) for buffer in buffers if buffer is not None]
+    return saved
+
+
+def restore_batchnorm_statistics(model: nn.Module, saved: list[tuple[Tensor, Tensor]]) -> None:
+    for buffer, copy in saved:
+        buffer.copy_(copy)
 
 
 def autocast(trainer: Trainer) -> torch.autocast:

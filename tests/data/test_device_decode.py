@@ -260,3 +260,29 @@ def test_on_cuda_the_same_seeds_give_the_same_crops_as_the_pil_path(images):
     assert batch.device.type == "cuda" and batch.shape == expected.shape
     gap = mean_abs(batch.cpu(), expected)
     assert gap.max() < 0.1, f"per-image mean abs gap to the PIL path: {gap.tolist()}"
+
+
+def test_a_cuda_decode_waits_on_the_host_before_and_after_decoding(images, monkeypatch):
+    """nvJPEG writes from its own stream into memory the allocator may have reused while queued kernels still
+    read it (pytorch/vision#9606): the host must wait for the current stream first, and for the decode."""
+    import bench.data.device_decode as device_decode
+
+    events: list[str] = []
+
+    class Stream:
+        def synchronize(self) -> None:
+            events.append("wait")
+
+    def decode(data, mode, device):
+        events.append("decode")
+        assert device.type == "cuda"
+        return [torchvision_decode(encoded, mode=mode) for encoded in data]
+
+    from torchvision.io import decode_jpeg as torchvision_decode
+
+    monkeypatch.setattr(device_decode.torch.cuda, "current_stream", lambda device: Stream())
+    monkeypatch.setattr(device_decode, "decode_jpeg", decode)
+    batch = on_device(images, [0, 1, 2])
+    decoded = device_decode.decode_images(batch.files(), batch.paths, torch.device("cuda"))
+    assert events == ["wait", "decode", "wait"]
+    assert len(decoded) == 3 and decoded[0].dtype == torch.uint8

@@ -153,14 +153,103 @@ def test_tf32_products_are_scoped_to_the_loss():
     from losses.smooth_ap import cuda_matmul_precision
 
     matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
+    before = matmul.allow_tf32, torch.get_float32_matmul_precision()
     with cuda_matmul_precision(True):
-        assert matmul.fp32_precision == "tf32"
-    assert matmul.fp32_precision == before
+        # both APIs stay readable inside: a mix of them raises on the first read of the other one
+        assert matmul.fp32_precision == "tf32" and matmul.allow_tf32
+        assert torch.get_float32_matmul_precision() == "high"
+    assert (matmul.allow_tf32, torch.get_float32_matmul_precision()) == before
     gen = torch.Generator().manual_seed(0)
     emb = torch.nn.functional.normalize(torch.randn(16, 8, generator=gen), dim=1)
     labels = torch.arange(16) % 4
     values = [SmoothAP(tf32=tf32)(emb.clone().requires_grad_(), labels) for tf32 in (False, True)]
     assert values[0].item() == values[1].item()  # TF32 is a CUDA setting: nothing changes on a CPU
     values[1].backward()
-    assert matmul.fp32_precision == before  # the backward's product restores it too
+    assert (matmul.allow_tf32, torch.get_float32_matmul_precision()) == before  # the backward restores it
+    previous, matmul.fp32_precision = matmul.fp32_precision, "tf32"  # a caller in TF32 by the new API
+    try:
+        with cuda_matmul_precision(True):
+            assert matmul.fp32_precision == "tf32"
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = previous
+
+
+@pytest.mark.parametrize("with_refs", [False, True])
+def test_tf32_covers_every_product_forward_and_backward(with_refs):
+    """Each matrix product of the loss, the backward's included, sees TF32 set (read through the legacy flag,
+    which raises if the APIs were mixed); the queries x gallery form too."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: list[bool] = []
+
+    class Products(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+                seen.append(torch.backends.cuda.matmul.allow_tf32)
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(1)
+    emb = torch.nn.functional.normalize(torch.randn(12, 8, generator=gen), dim=1).requires_grad_()
+    refs = torch.nn.functional.normalize(torch.randn(20, 8, generator=gen), dim=1).requires_grad_()
+    labels, ref_labels = torch.arange(12) % 4, torch.arange(20) % 4
+    with Products():
+        if with_refs:
+            ref_labels[4:16] = labels
+            SmoothAP(tf32=True, backend="torch")(emb, labels, refs, ref_labels, 4).backward()
+        else:
+            SmoothAP(tf32=True, backend="torch")(emb, labels).backward()
+    assert len(seen) >= 2 and all(seen)
+    assert refs.grad is not None if with_refs else emb.grad is not None
+
+
+def test_symmetrize_in_place_is_a_plus_a_transposed(monkeypatch):
+    import losses.smooth_ap as smooth_ap
+
+    monkeypatch.setattr(smooth_ap, "SYMMETRIZE_TILE", 3)  # partial tiles, off-diagonal pairs, the diagonal
+    matrix = torch.randn(8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = matrix + matrix.T
+    assert smooth_ap.symmetrize_(matrix) is matrix
+    assert torch.equal(matrix, expected)
+
+
+def test_gram_backward_makes_no_third_square_buffer(monkeypatch):
+    """dE = (G + G^T) E, with G + G^T formed in G's memory: no op outputs another B x B matrix."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import losses.smooth_ap as smooth_ap
+
+    monkeypatch.setattr(smooth_ap, "SYMMETRIZE_TILE", 4)
+    gen = torch.Generator().manual_seed(1)
+    emb = torch.randn(16, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(16, 16, generator=gen, dtype=torch.float64)
+    expected = (grad + grad.T) @ emb.detach()  # before the backward symmetrises `grad` in place
+    squares = []
+
+    class Squares(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.shape == (16, 16) and out.data_ptr() != grad.data_ptr():
+                squares.append(str(func))
+            return out
+
+    sims = smooth_ap._Gram.apply(emb, False)
+    with Squares():
+        sims.backward(grad)
+    torch.testing.assert_close(emb.grad, expected, rtol=0, atol=1e-12)
+    assert [op for op in squares if "view" not in op and "transpose" not in op] == []
+
+
+def test_rows_of_queries_without_a_positive_get_zero_gradient():
+    """The backward leaves such rows unwritten, so their buffer must start at zero, whatever memory the
+    allocator hands back (freed NaNs just before)."""
+    labels = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4, 5])  # classes 1, 3 and 5 have a single item
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        poison = torch.full((10, 10), float("nan"), dtype=torch.float64)
+        del poison
+        sims = torch.randn(10, 10, generator=gen, dtype=torch.float64).requires_grad_()
+        SmoothAP(temperature=0.1, backend="torch").forward_similarities(sims, labels).backward()
+        assert torch.isfinite(sims.grad).all()
+        assert torch.equal(sims.grad[[2, 6, 9]], torch.zeros(3, 10, dtype=torch.float64))
+        assert sims.grad[[0, 1, 3, 4, 5, 7, 8]].abs().sum() > 0

@@ -1,6 +1,15 @@
 """Smooth-AP's Triton kernels against the torch path in float64, on the GPU when there is one, else under
-Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET before Triton is imported)."""
+Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET before Triton is imported). Under the
+interpreter, every Python float argument is rounded to fp32 as a compiled kernel rounds it, so a value that
+would lose precision on the GPU loses it here too. And the kernels, compiled for sm_90 here without a GPU,
+must not spill registers at any chunk size."""
 
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
 
@@ -8,9 +17,31 @@ pytest.importorskip("triton")
 ON_GPU = torch.cuda.is_available()
 
 import losses._smooth_ap_triton as kernels  # noqa: E402
-from losses.smooth_ap import SmoothAP, query_groups, smooth_ap_loss_from_similarities, use_triton  # noqa: E402
+from losses.smooth_ap import SmoothAP, smooth_ap_loss_from_similarities, use_triton  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+
+
+class _CompiledScalars:
+    """A kernel whose launches pass Python floats as fp32, as a compiled Triton kernel receives them."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def rounded(*args, **kwargs):
+            return launch(*(float(np.float32(a)) if isinstance(a, float) else a for a in args), **kwargs)
+
+        return rounded
+
+
+@pytest.fixture(autouse=True)
+def compiled_scalars(monkeypatch):
+    if not ON_GPU:
+        for name in ("_forward_kernel", "_backward_kernel"):
+            monkeypatch.setattr(kernels, name, _CompiledScalars(getattr(kernels, name)))
 
 
 def shuffled_uneven_labels(seed: int) -> torch.Tensor:
@@ -99,16 +130,41 @@ def test_module_gradient_reaches_embeddings_alike():
     torch.testing.assert_close(grads["triton"], grads["torch"], rtol=0, atol=1e-12)
 
 
-def test_auto_takes_torch_on_cpu_and_for_large_classes(monkeypatch):
-    labels = torch.arange(12) % 3
+def test_auto_takes_triton_on_cuda_only():
     sims = torch.zeros(12, 12, device=DEVICE)
-    groups = query_groups(labels, False, sims.device)
-    assert use_triton("auto", sims, groups) == ON_GPU
-    assert not use_triton("torch", sims, groups)
-    monkeypatch.setattr(kernels, "MAX_POSITIVES", 2)  # these classes have 3 positives per query
-    assert not use_triton("auto", sims, groups)
-    with pytest.raises(ValueError, match="at most 2 positives"):
-        kernels.smooth_ap_ranking(sims, groups, 0.01, False)
+    assert use_triton("auto", sims) == ON_GPU
+    assert not use_triton("torch", sims)
+
+
+@pytest.mark.parametrize("include_self", [False, True])
+def test_classes_larger_than_a_chunk_of_positives(monkeypatch, include_self):
+    """Chunks of 4 positives: classes of 9 and 14 take several chunks, the last one partial."""
+    monkeypatch.setattr(kernels, "CHUNK_POSITIVES", 4)
+    monkeypatch.setattr(kernels, "TILE_ELEMENTS", 32)  # several tiles per row too
+    sizes = {0: 1, 1: 2, 2: 5, 3: 9, 4: 14}
+    labels = torch.tensor([c for c, n in sizes.items() for _ in range(n)])
+    labels = labels[torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(6))]
+    emb = unit_rows(labels.numel(), 6)
+    kwargs = {"temperature": 0.3, "include_self": include_self}
+    loss, grad = loss_and_grad(emb @ emb.T, labels, "triton", **kwargs)
+    ref_loss, ref_grad = loss_and_grad(emb @ emb.T, labels, "torch", **kwargs)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-12)
+
+
+def test_compiled_for_sm90_no_chunk_size_spills_registers():
+    """ptxas's report for both kernels at every BLOCK_P the launcher can choose (fp32, both include_self)."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.benchmarks.triton_spills", "--capability", "90"],
+        capture_output=True, text=True, env=env, timeout=1800,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout)
+    assert {row["block_p"] for row in rows} == {2, 4, 8, 16, 32, 64}
+    spilled = [row for row in rows if row["spill_stores"] or row["spill_loads"] or row["stack_bytes"]]
+    assert not spilled, spilled
 
 
 def test_triton_on_cpu_without_the_interpreter_is_refused(monkeypatch):
@@ -118,3 +174,43 @@ def test_triton_on_cpu_without_the_interpreter_is_refused(monkeypatch):
         SmoothAP(backend="triton")(emb, torch.arange(8) % 2)
     with pytest.raises(ValueError, match="backend must be one of"):
         SmoothAP(backend="cuda")
+
+
+class _CudaLike:
+    """What `use_triton` reads of S: a CUDA tensor's flags, on the CPU where the interpreter runs kernels."""
+
+    is_cuda = True
+    device = torch.device("cpu")
+    dtype = torch.float64
+
+
+@pytest.fixture
+def fresh_compile_check():
+    from losses.smooth_ap import triton_compiles
+
+    triton_compiles.cache_clear()
+    yield
+    triton_compiles.cache_clear()
+
+
+def test_auto_falls_back_to_torch_with_one_warning_when_triton_cannot_compile(
+    monkeypatch, fresh_compile_check
+):
+    """The error Triton raises on a machine without a C compiler, from the first launch."""
+
+    class Uncompilable:
+        def __getitem__(self, grid):
+            raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(kernels, "_forward_kernel", Uncompilable())
+    with pytest.warns(RuntimeWarning, match="takes the torch path.*Failed to find C compiler") as caught:
+        assert not use_triton("auto", _CudaLike())
+        assert not use_triton("auto", _CudaLike())  # tried once
+    assert len(caught) == 1
+    with pytest.raises(RuntimeError, match="C compiler"):  # `triton` insists: the error reaches the caller
+        loss_and_grad(torch.eye(4, dtype=torch.float64), torch.tensor([0, 0, 1, 1]), "triton")
+
+
+def test_auto_keeps_triton_where_it_compiles(fresh_compile_check, recwarn):
+    assert use_triton("auto", _CudaLike())
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

@@ -108,3 +108,63 @@ def test_a_seeded_run_with_chunks_ends_with_the_metrics_of_one_without(tmp_path,
     chunked_weights = torch.load(chunked.checkpoint, weights_only=True)["model"]
     for name, tensor in plain_weights.items():
         torch.testing.assert_close(chunked_weights[name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+def test_batchnorm_statistics_are_updated_once_per_cached_step(tmp_path, bundle):
+    """BatchNorm in training mode: one chunk holding the whole batch leaves the running statistics the plain
+    step leaves (the replay must not update them a second time), and the gradients agree too."""
+    exp = tiny_experiment(tmp_path)  # model.freeze_bn off: BatchNorm in training mode
+    batch = exp.data.batch_size
+    stats, grads = {}, {}
+    for name, step in (("plain", PlainStep()), ("cached", CachedStep(batch))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the start-up warning about chunked BatchNorm
+            trainer, _ = build_trainer(exp, losses.get_loss("smooth_ap"), bundle, CPU)
+        norms = [m for m in trainer.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert norms
+        trainer.model.train()
+        images, labels = first_batch(trainer)
+        before = norms[0].running_mean.clone()
+        step(trainer, images, labels)
+        assert not torch.equal(norms[0].running_mean, before)  # the step did update them
+        stats[name] = {
+            k: v.clone() for k, v in trainer.model.state_dict().items() if "running" in k or "tracked" in k
+        }
+        grads[name] = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    assert stats["cached"].keys() == stats["plain"].keys()
+    for key, value in stats["plain"].items():
+        torch.testing.assert_close(stats["cached"][key], value, rtol=0, atol=1e-6, msg=key)
+    for name, grad in grads["plain"].items():
+        torch.testing.assert_close(grads["cached"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_cached_step_lays_out_chunks_not_a_second_copy_of_the_batch(tmp_path, bundle, monkeypatch):
+    """With channels_last on (forced here: it applies on CUDA only), each chunk reaches the model in that
+    layout and no operation makes a full-batch copy of the images."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import bench.train.steps as steps
+
+    monkeypatch.setattr(steps, "channels_last", lambda trainer: True)
+    exp = tiny_experiment(tmp_path, extra=["model.freeze_bn=true"])
+    trainer, _ = build_trainer(exp, losses.get_loss("triplet"), bundle, CPU)
+    images, labels = first_batch(trainer)
+    seen = []
+
+    def record(module, inputs):
+        seen.append((inputs[0].shape[0], inputs[0].is_contiguous(memory_format=torch.channels_last)))
+
+    trainer.model.register_forward_pre_hook(record)
+    copies = []
+
+    class Copies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.shape == images.shape:
+                copies.append(str(func))
+            return out
+
+    with Copies():
+        CachedStep(4)(trainer, images, labels)
+    assert seen == [(4, True)] * (2 * (labels.numel() // 4))  # each chunk, first pass and replay
+    assert copies == []
