@@ -11,13 +11,23 @@ How a run is split, and why the result is the single-process run on the same glo
 - The model is wrapped in DistributedDataParallel, which averages the ranks' parameter gradients.
 - Every loss sees the whole global batch (`bench.train.steps.compute_loss`). A loss that splits by query
   (`splits_by_query`, Smooth-AP) takes its own queries against the gathered batch, gathered with autograd:
-  the local block stays live and the gradients every rank's loss sends to it are summed back to it, so it
-  receives the sum of the ranks' losses' gradients, N times the global loss's (their losses are means over
-  equally many queries). Any other loss computes the global loss on every rank from the gathered batch, in
-  which only the local block is live; its gradient is multiplied by N on the way back to the local block.
-  Either way the factor N compensates DDP's averaging (the factor missing in pytorch-metric-learning's issue
-  #363). It is applied to gradients, never to a loss: a blackbox-differentiated loss (Blackbox AP) is not
-  linear in the gradient it receives, so every rank's loss gets the single-process output gradient, 1.
+  the local block stays live and the gradients every rank's loss sends to it are summed back to it. A rank's
+  loss is a mean over its own counted queries (those with another item of their label among the items), and
+  ranks may count different numbers (with K = 1 a query's only positives sit in the memory), so rank r's loss
+  weighs n_r / n (n the global count): the weighted sum is the global loss, and its gradient, scaled by
+  N n_r / n (exactly 1 when the counts are equal), reaches the local block as N times the global loss's. Any
+  other loss computes the global loss on every rank from the gathered batch, in which only the local block is
+  live; its gradient is multiplied by N on the way back to the local block. Either way the factor N
+  compensates DDP's averaging (the factor missing in pytorch-metric-learning's issue #363). It is applied to
+  gradients, never to a loss: a blackbox-differentiated loss (Blackbox AP) is not linear in the gradient it
+  receives, so every rank's loss gets the single-process output gradient, 1.
+- Exact in exact arithmetic, equal to rounding in float32: in float64 the N-process run's weights are the
+  single-process run's to about 1e-13. In float32 the split form sums dL/dE in another order than the square
+  form (its rows times the gathered batch, plus the columns' part summed over ranks, against one matmul
+  (G + G^T) E), and at Smooth-AP's temperature 0.01 these sums cancel heavily: dL/dE differs by about 1e-5 of
+  its size, less than float32's own error against float64. Adam's first steps move each weight by about
+  lr * sign(g), so where a gradient is near zero that rounding can flip a step: weights may part by up to a
+  few lr over a run, as any change of summation order would do (DDP's gradient averaging included).
 - Before the loss, every rank takes rank 0's random state, so a loss that draws random numbers (Blackbox
   AP's margin) draws the same ones on every rank.
 - BatchNorm in training mode keeps per-rank statistics unless `train.sync_bn` (SyncBatchNorm: the global
@@ -86,6 +96,10 @@ class Distributed:
         dist.all_reduce(total)
         return total
 
+    def total_count(self, count: int) -> int:
+        """The sum over ranks of an integer count."""
+        return int(self.sum(torch.tensor(count, dtype=torch.int64, device=self.device)))
+
     def share_random_state(self) -> None:
         """Give every rank rank 0's random state for the training device."""
         if self.device.type == "cuda":
@@ -140,6 +154,13 @@ class _ScaleGradient(torch.autograd.Function):
 def scale_gradient(tensor: Tensor, factor: float) -> Tensor:
     """`tensor` itself forward; its gradient times `factor` backward."""
     return _ScaleGradient.apply(tensor, factor)
+
+
+def counted_queries(labels: Tensor, item_labels: Tensor) -> int:
+    """The queries that a loss splitting by query averages over: those with another item of their label among
+    `item_labels` (which hold the queries themselves)."""
+    classes, counts = torch.unique(item_labels.reshape(-1), return_counts=True)
+    return int((counts[torch.searchsorted(classes, labels.reshape(-1))] >= 2).sum())
 
 
 @contextmanager

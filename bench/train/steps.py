@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from bench.train.distributed import scale_gradient
+from bench.train.distributed import counted_queries, scale_gradient
 from bench.train.trainer import NonFiniteLossError, StepResult
 
 if TYPE_CHECKING:
@@ -69,9 +69,16 @@ def compute_loss(trainer: Trainer, embeddings: Tensor, labels: Tensor) -> LossTe
         memory.push(batch, batch_labels)
     if dist is None:
         return LossTerms(loss, float(loss.detach()), 1.0)
-    # split: the ranks' losses are means over equally many queries, so their sum is N times the global loss
-    value = float(dist.sum(loss)) / dist.world_size if splits else float(loss.detach())
-    return LossTerms(loss, value, float(dist.world_size))
+    if not splits:
+        return LossTerms(loss, float(loss.detach()), float(dist.world_size))
+    # split: each rank's loss is a mean over its own counted queries; weighed by its share of them, the
+    # ranks' losses sum to the global loss, and the summed-back gradients to N times its gradient
+    counted = counted_queries(labels, item_labels)
+    total = dist.total_count(counted)
+    if not total:  # no query anywhere has a positive: every rank's loss is a zero
+        return LossTerms(loss, 0.0, float(dist.world_size))
+    value = float(dist.sum(loss.detach() * counted)) / total
+    return LossTerms(scale_gradient(loss, dist.world_size * counted / total), value, float(dist.world_size))
 
 
 def global_grad_norm(trainer: Trainer, grad: Tensor | None, terms: LossTerms) -> float:

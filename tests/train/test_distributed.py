@@ -62,17 +62,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(job, *args) -> None:
-    """Run `job(dist, *args)` in WORLD processes, each in the process group torchrun would give it."""
-    mp.spawn(_process, args=(free_port(), job, args), nprocs=WORLD, join=True)
+def launch(job, *args, world: int = WORLD) -> None:
+    """Run `job(dist, *args)` in `world` processes, each in the process group torchrun would give it."""
+    mp.spawn(_process, args=(free_port(), world, job, args), nprocs=world, join=True)
 
 
-def _process(rank: int, port: int, job, args) -> None:
+def _process(rank: int, port: int, world: int, job, args) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
+        WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
