@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from bench.pipeline import run_main_job
 from bench.tracking import Tracker
+from bench.tune import TuneJob
 from tests.helpers import tiny_bundle, tiny_experiment
 
 
@@ -20,10 +21,8 @@ def test_the_main_job_tunes_every_loss_runs_final_seeds_and_then_reports(tmp_pat
         return [tmp_path / "report.md"]
 
     result = run_main_job(
-        exp,
-        ["smooth_ap", "fastap"],
+        TuneJob(exp, ["smooth_ap", "fastap"], device="cpu"),
         tracker=tracker,
-        device="cpu",
         bundle=tiny_bundle(),
         log=None,
         after=report,
