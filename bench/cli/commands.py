@@ -151,7 +151,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     else:
         print(result.budgets.to_string(index=False))
     if result.finals:
-        rows = {name: mean_test_metrics(finals) for name, finals in result.finals.items()}
+        rows = {name: mean_test_metrics(runs) for name, runs in result.finals.items()}
         print(f"mean over {exp.tune.final_seeds} final seeds:")
         print(metrics_table(rows))
     return 0
