@@ -25,6 +25,7 @@ from bench.config import ConfigError, Experiment, LossConfig
 from bench.data import DatasetBundle, load_dataset
 from bench.train import default_checkpoint_path, holds_unfinished_run, train_and_evaluate
 from bench.tune import format_seconds, with_overrides
+from bench.vocabulary import STAGE, TEST_MAP_AT_R, VAL_MAP_AT_R, Stage
 
 if TYPE_CHECKING:  # MLflow is imported by the caller that builds the tracker
     from bench.tracking import Tracker
@@ -107,7 +108,7 @@ def plan(
         swept = dict(zip(keys, combo, strict=True))
         base = with_overrides(exp, swept)
         texts = {key: _value_text(base, key) for key in keys}
-        tags = {"stage": "ablation", "ablation.config": fingerprint(base, keys)}
+        tags = {STAGE: Stage.ABLATION, "ablation.config": fingerprint(base, keys)}
         for i, key in enumerate(keys):
             suffix = "" if i == 0 else str(i + 1)
             tags[f"ablation.param{suffix}"], tags[f"ablation.value{suffix}"] = key, texts[key]
@@ -164,13 +165,11 @@ def ablate(
         if log:
             left = sum(durations) / len(durations) * (len(cells) - index - 1)
             val = (
-                result.val_history[-1].get("val/map_at_r", float("nan"))
-                if result.val_history
-                else float("nan")
+                result.val_history[-1].get(VAL_MAP_AT_R, float("nan")) if result.val_history else float("nan")
             )
             log(
                 f"[ablate] {label} seed {cexp.train.seed} ({index + 1}/{len(cells)}): val MAP@R {val:.4f} | "
-                f"test MAP@R {result.test_metrics.get('test/map_at_r', float('nan')):.4f} | "
+                f"test MAP@R {result.test_metrics.get(TEST_MAP_AT_R, float('nan')):.4f} | "
                 f"{format_seconds(durations[-1])} | ~{format_seconds(left)} left"
             )
     return results

@@ -1,22 +1,23 @@
-"""The main job: tune every loss on an equal budget, run each loss's final seeds, write the report and the
-gradient analysis. Re-running the same call continues where the previous one stopped.
+"""The only orchestrator: a `TuneJob` tuned on an equal budget per loss, widened where a range capped a loss,
+each loss's final seeds run, then (the main job, `run`) the report and the gradient analysis. The `tune`
+command is the same job without the report. Re-running the same call continues where the previous one
+stopped.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench import layout
 
 if TYPE_CHECKING:  # imported where used, so that the CLI's parser can read the --quick settings at once
-    from bench.config import Experiment
     from bench.data import DatasetBundle
     from bench.tracking import Tracker
-    from bench.tune import FinalRun, StudySummary
+    from bench.tune import FinalRun, StudySummary, TuneJob
 
 Log = Callable[[str], None]
 
@@ -34,72 +35,97 @@ def main_job_overrides(quick: bool, experiment_name: str | None, user_overrides:
 
 
 @dataclass
-class MainJobResult:
+class JobResult:
+    """What a job left: its studies, final runs and budgets, and the report's files (none for `tune`).
+
+    `job` is the job as it ended: after widening, its experiment's `tune.widen` names the retuned losses."""
+
+    job: TuneJob
     studies: dict[str, StudySummary]
     finals: dict[str, list[FinalRun]]
     budgets: Any  # pandas DataFrame from budget_report
-    complete: bool  # every study reached its budget and every loss has its final runs
     report_files: list[Path] = field(default_factory=list)
+
+    @property
+    def tuned(self) -> bool:
+        """Every study reached its budget."""
+        return all(s.done for s in self.studies.values())
+
+    @property
+    def complete(self) -> bool:
+        """Every study reached its budget, and every loss has its final runs when the job asked for them."""
+        return self.tuned and (not self.job.finals or set(self.finals) == set(self.job.losses))
+
+
+def tune(
+    job: TuneJob, *, tracker: Tracker | None, bundle: DatasetBundle | None = None, log: Log | None = print
+) -> JobResult:
+    """The `tune` command: the job's studies (first in `job.workers` processes, then in this one, which
+    closes them), widening, then the final seeds."""
+    from bench.data import load_dataset
+    from bench.tune import budget_report, open_storage, run_finals, tune_losses
+    from bench.tune.workers import time_left, tune_in_workers
+
+    open_storage(job.storage)  # an unreachable database fails in seconds, before any data is read
+    bundle = bundle if bundle is not None else load_dataset(job.exp.data)
+    started = time.monotonic()
+    if job.workers > 1:
+        tune_in_workers(job, tracker=tracker, bundle=bundle, log=log)
+    # what the workers left of the timeout: this finds the budgets done, or finishes what dead workers left
+    job = replace(job, timeout=time_left(job.timeout, started))
+    studies = tune_losses(job, tracker=tracker, bundle=bundle, log=log)
+    job, widened = widen_edges(job, studies, tracker=tracker, bundle=bundle, log=log)
+    studies.update(widened)
+    finals: dict[str, list[FinalRun]] = {}
+    if job.finals and all(s.done for s in studies.values()):
+        for loss in job.losses:
+            finals[loss] = run_finals(job, loss, tracker=tracker, bundle=bundle, log=log)
+    budgets = budget_report(job.storage, job.exp.name, job.losses, widened=list(job.exp.tune.widen))
+    return JobResult(job, studies, finals, budgets)
+
+
+def widen_edges(
+    job: TuneJob,
+    studies: dict[str, StudySummary],
+    *,
+    tracker: Tracker | None,
+    bundle: DatasetBundle,
+    log: Log | None,
+) -> tuple[TuneJob, dict[str, StudySummary]]:
+    """`job.widen`: once every study is done, each loss whose best value hit an edge of a range is tuned
+    again over that range widened, on the same budget (bench.tune.edges). Returns the job with `tune.widen`
+    set for those losses (their final runs then come from the widened studies) and the widened studies. A
+    job on a named study (`study_name`) is not widened."""
+    from bench.tune import tune_losses, with_overrides
+    from bench.tune.runner import ranges_to_widen
+
+    if job.widen is None or job.study_name or not all(s.done for s in studies.values()):
+        return job, {}
+    ranges = ranges_to_widen(job, job.widen)
+    if log:
+        hits = ", ".join(f"{k} {v}" for k, v in ranges.items()) or "no edge hit"
+        log(f"[tune] widening x{job.widen}: {hits}")
+    if not ranges:
+        return job, {}
+    job = replace(job, exp=with_overrides(job.exp, {"tune.widen": {**job.exp.tune.widen, **ranges}}))
+    return job, tune_losses(replace(job, losses=tuple(ranges)), tracker=tracker, bundle=bundle, log=log)
 
 
 def run_main_job(
-    exp: Experiment,
-    loss_names: Sequence[str],
+    job: TuneJob,
     *,
     tracker: Tracker,
-    storage: str | None = None,
-    device: str = "auto",
-    timeout: float | None = None,
     bundle: DatasetBundle | None = None,
     log: Log | None = print,
     report_dir: str | Path | None = None,
-    after: Callable[[MainJobResult], list[Path]] | None = None,
-    widen: float | None = None,
-) -> MainJobResult:
-    """Tune, final seeds, then `make_report` and `make_grad_report` into `report_dir` (default
-    results/<tracking experiment>/ and its grad/), unless `after(result) -> files` replaces both.
+    after: Callable[[JobResult], list[Path]] | None = None,
+) -> JobResult:
+    """The `run` command: `tune`, then `make_report` and `make_grad_report` into `report_dir` (default
+    results/<tracking experiment>/ and its grad/), unless `after(result) -> files` replaces both."""
+    from bench.tune import format_seconds
 
-    `widen`: after tuning, a loss whose best value hit an edge of its range is tuned again, on the same
-    budget, over that range widened by this factor (bench.tune.edges), and its final runs come from that
-    study.
-    """
-    from bench.data import load_dataset
-    from bench.tune import budget_report, format_seconds, run_finals, tune_losses
-    from bench.tune.runner import ranges_to_widen
-    from bench.tune.space import with_overrides
-
-    storage = storage or exp.tune.storage
-    bundle = bundle or load_dataset(exp.data)
     started = time.perf_counter()
-    studies = tune_losses(
-        exp,
-        loss_names,
-        tracker=tracker,
-        storage=storage,
-        timeout=timeout,
-        device=device,
-        bundle=bundle,
-        log=log,
-    )
-    if widen is not None and all(s.done for s in studies.values()):
-        ranges = ranges_to_widen(exp, loss_names, storage, widen)
-        if log:
-            log(
-                f"[run] widening x{widen}: "
-                + (", ".join(f"{k} {v}" for k, v in ranges.items()) or "no edge hit")
-            )
-        if ranges:
-            exp = with_overrides(exp, {"tune.widen": {**exp.tune.widen, **ranges}})
-            kw = {"tracker": tracker, "storage": storage, "timeout": timeout, "device": device, "log": log}
-            studies.update(tune_losses(exp, list(ranges), bundle=bundle, **kw))
-    finals: dict[str, list[FinalRun]] = {}
-    if all(s.done for s in studies.values()):
-        for loss in loss_names:
-            finals[loss] = run_finals(
-                exp, loss, tracker=tracker, storage=storage, device=device, bundle=bundle, log=log
-            )
-    budgets = budget_report(storage, exp.name, loss_names, widened=list(exp.tune.widen))
-    result = MainJobResult(studies, finals, budgets, complete=len(finals) == len(loss_names))
+    result = tune(job, tracker=tracker, bundle=bundle, log=log)
     if log:
         log(f"[run] tuning and final seeds took {format_seconds(time.perf_counter() - started)}")
     if not result.complete:
@@ -109,8 +135,9 @@ def run_main_job(
     if after is not None:
         result.report_files = list(after(result))
         return result
-    out = Path(report_dir or layout.report_dir(exp.tracking.experiment))
-    result.report_files = write_reports(tracker, exp.tracking.experiment, out, storage, device, log)
+    experiment = job.exp.tracking.experiment
+    out = Path(report_dir or layout.report_dir(experiment))
+    result.report_files = write_reports(tracker, experiment, out, job.storage, job.device, log)
     return result
 
 

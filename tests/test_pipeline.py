@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from bench.pipeline import run_main_job
+import pytest
+
+from bench.config import ConfigError
+from bench.pipeline import run_main_job, tune
 from bench.tracking import Tracker
+from bench.tune import TuneJob
 from tests.helpers import tiny_bundle, tiny_experiment
 
 
@@ -20,10 +24,8 @@ def test_the_main_job_tunes_every_loss_runs_final_seeds_and_then_reports(tmp_pat
         return [tmp_path / "report.md"]
 
     result = run_main_job(
-        exp,
-        ["smooth_ap", "fastap"],
+        TuneJob(exp, ["smooth_ap", "fastap"], device="cpu"),
         tracker=tracker,
-        device="cpu",
         bundle=tiny_bundle(),
         log=None,
         after=report,
@@ -38,3 +40,27 @@ def test_the_main_job_tunes_every_loss_runs_final_seeds_and_then_reports(tmp_pat
         "fastap",
         "smooth_ap",
     ]
+
+
+def test_tune_is_the_job_without_the_report_and_finals_come_once_asked(tmp_path, tracker):
+    exp = tiny_experiment(tmp_path, trials=1, epochs=1, extra=["tune.final_seeds=1"])
+    bundle = tiny_bundle()
+    tuned = tune(
+        TuneJob(exp, ["smooth_ap"], device="cpu", finals=False), tracker=tracker, bundle=bundle, log=None
+    )
+    assert tuned.complete and tuned.finals == {} and tuned.report_files == []
+    assert runs(tracker, "tags.stage = 'final'") == []
+
+    lines: list[str] = []
+    again = tune(TuneJob(exp, ["smooth_ap"], device="cpu"), tracker=tracker, bundle=bundle, log=lines.append)
+    assert not any(line.startswith("[tune] smooth_ap") for line in lines)  # the finished study adds no trial
+    assert [f.seed for f in again.finals["smooth_ap"]] == [1] and again.complete
+    (final,) = runs(tracker, "tags.stage = 'final'")
+    assert final.data.tags["study"] == "omniglot-smooth_ap"
+
+
+def test_a_named_study_takes_exactly_one_loss_before_any_data_is_read(tmp_path):
+    with pytest.raises(ConfigError, match="exactly one loss"):
+        TuneJob(tiny_experiment(tmp_path), ["smooth_ap", "triplet"], study_name="mine")
+    with pytest.raises(ValueError, match="unknown loss 'nope'"):
+        TuneJob(tiny_experiment(tmp_path), ["nope"])

@@ -55,12 +55,11 @@ def _shown_uri(uri: str) -> str:
 
 
 def _loss_list(text: str | None) -> list[str]:
+    """`--losses a,b` (a named set such as `extended` expands), or the default set (the job checks the
+    names)."""
     import losses
 
-    names = losses.resolve_loss_names([n.strip() for n in text.split(",")] if text else None)
-    for name in names:
-        losses.get_spec(name)  # unknown names fail here with the list of known ones
-    return names
+    return losses.resolve_loss_names([n.strip() for n in text.split(",")] if text else None)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -107,13 +106,31 @@ def refuse_torchrun(command: str) -> None:
         )
 
 
+def tune_job(args: argparse.Namespace, exp, storage: str, **settings):
+    """The `TuneJob` of `tune` and `run`: the options both commands share, and the command's own
+    `settings`."""
+    from bench.tune import TuneJob
+
+    return TuneJob(
+        exp,
+        _loss_list(args.losses),
+        storage,
+        device=args.device,
+        timeout=args.timeout,
+        workers=args.workers,
+        loss_modules=args.loss_modules,
+        widen=args.widen,
+        **settings,
+    )
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
+    """The main job without the report (`bench.pipeline.tune`): prints the budgets and the final seeds'
+    mean test metrics."""
     refuse_torchrun("tune")
     load_loss_modules(args)
-    from bench.data import load_dataset
-    from bench.pipeline import mean_test_metrics
+    from bench.pipeline import mean_test_metrics, tune
     from bench.report.console import metrics_table
-    from bench.tune import budget_report, run_finals, tune_losses
 
     for flag, key in (
         ("trials", "tune.trials"),
@@ -123,104 +140,22 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if getattr(args, flag) is not None:
             args.overrides.append(f"{key}={getattr(args, flag)}")
     exp = experiment_from_args(args)
-    names = _loss_list(args.losses)
-    tracker = make_tracker(args, exp)
-    reach_storage(exp.tune.storage)
-    bundle = load_dataset(exp.data)
-    timeout = _tune_in_workers(args, exp, names, tracker, exp.tune.storage, bundle, args.study_name)
-    studies = tune_losses(
-        exp,
-        names,
-        tracker=tracker,
-        storage=exp.tune.storage,
-        study_name_override=args.study_name,
-        timeout=timeout,
-        device=args.device,
-        bundle=bundle,
-    )
-    if args.widen is not None and not args.study_name and all(s.done for s in studies.values()):
-        exp, widened = widen_edges(exp, names, args.widen, tracker=tracker, device=args.device, bundle=bundle)
-        studies.update(widened)
-    if args.study_name:
-        one = studies[names[0]]
+    finals = not args.no_final and exp.tune.final_seeds != 0
+    job = tune_job(args, exp, exp.tune.storage, study_name=args.study_name, finals=finals)
+    result = tune(job, tracker=make_tracker(args, exp))
+    if job.study_name:
+        one = result.studies[job.losses[0]]
         print(
             f"study {one.study}: {one.complete} complete, {one.pruned} pruned, {one.failed} failed of "
             f"{one.budget}; best val MAP@R {one.best_value}"
         )
     else:
-        print(
-            budget_report(exp.tune.storage, exp.name, names, widened=list(exp.tune.widen)).to_string(
-                index=False
-            )
-        )
-    if args.no_final or exp.tune.final_seeds == 0 or not all(s.done for s in studies.values()):
-        return 0
-    rows = {
-        name: mean_test_metrics(
-            run_finals(
-                exp,
-                name,
-                tracker=tracker,
-                storage=exp.tune.storage,
-                device=args.device,
-                bundle=bundle,
-                study=args.study_name,
-            )
-        )
-        for name in names
-    }
-    print(f"mean over {exp.tune.final_seeds} final seeds:")
-    print(metrics_table(rows))
+        print(result.budgets.to_string(index=False))
+    if result.finals:
+        rows = {name: mean_test_metrics(runs) for name, runs in result.finals.items()}
+        print(f"mean over {exp.tune.final_seeds} final seeds:")
+        print(metrics_table(rows))
     return 0
-
-
-def reach_storage(url: str) -> None:
-    """Open the Optuna storage once before any data is read: an unreachable database fails the command in
-    seconds (StorageLost, after the retry period), not after loading a dataset."""
-    from bench.tune.study import open_storage
-
-    open_storage(url)
-
-
-def _tune_in_workers(args, exp, names, tracker, storage, bundle, study_name=None) -> float | None:
-    """`--workers N` (N > 1): tune in N processes first; what is left of `--timeout` for the rest of the
-    command (the in-process tuning that follows finds the budgets done, or finishes what dead workers
-    left)."""
-    import time
-
-    from bench.tune.workers import time_left, tune_in_workers
-
-    started = time.monotonic()
-    if args.workers > 1:
-        tune_in_workers(
-            exp,
-            names,
-            args.workers,
-            tracker=tracker,
-            storage=storage,
-            study_name_override=study_name,
-            timeout=args.timeout,
-            device=args.device,
-            bundle=bundle,
-            loss_modules=args.loss_modules,
-        )
-    return time_left(args.timeout, started)
-
-
-def widen_edges(exp, names: list[str], factor: float, **tune_kwargs):
-    """`--widen`: the experiment with `tune.widen` set for the losses whose best value hit an edge, and those
-    losses' widened studies tuned on the same budget."""
-    from bench.tune import tune_losses, with_overrides
-    from bench.tune.runner import ranges_to_widen
-
-    ranges = ranges_to_widen(exp, names, exp.tune.storage, factor)
-    print(
-        f"[tune] widening x{factor}: " + (", ".join(f"{k} {v}" for k, v in ranges.items()) or "no edge hit")
-    )
-    if not ranges:
-        return exp, {}
-    exp = with_overrides(exp, {"tune.widen": {**exp.tune.widen, **ranges}})
-    return exp, tune_losses(exp, list(ranges), storage=exp.tune.storage, **tune_kwargs)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -231,33 +166,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bench.report.console import metrics_table
 
     exp = main_job_experiment(args)
-    names = _loss_list(args.losses)
+    job = tune_job(args, exp, args.storage or exp.tune.storage)
     tracker = make_tracker(args, exp)
-    storage = args.storage or exp.tune.storage
-    reach_storage(storage)
     print(
-        f"[run] {exp.name}: {len(names)} losses x {exp.tune.trials} trials of "
+        f"[run] {exp.name}: {len(job.losses)} losses x {exp.tune.trials} trials of "
         f"{exp.tune.epochs or exp.train.epochs} epochs, then {exp.tune.final_seeds} final seeds of "
         f"{exp.tune.final_epochs or exp.train.epochs} epochs; "
         f"MLflow {_shown_uri(tracker.uri)} experiment {exp.tracking.experiment!r}"
     )
-    bundle = None
-    if args.workers > 1:
-        from bench.data import load_dataset
-
-        bundle = load_dataset(exp.data)
-    timeout = _tune_in_workers(args, exp, names, tracker, storage, bundle)
-    result = run_main_job(
-        exp,
-        names,
-        tracker=tracker,
-        storage=storage,
-        device=args.device,
-        timeout=timeout,
-        bundle=bundle,
-        report_dir=args.out,
-        widen=args.widen,
-    )
+    result = run_main_job(job, tracker=tracker, report_dir=args.out)
     if not result.complete:
         return 1
     rows = {name: mean_test_metrics(finals) for name, finals in result.finals.items()}

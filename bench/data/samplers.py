@@ -1,6 +1,6 @@
 """P x K class-balanced batch sampler.
 
-Definitions (the README repeats them):
+Definitions (docs/training.md repeats them):
 - A batch holds P = batch_size / K distinct classes and K images of each.
 - An epoch is `len(labels) // batch_size` batches, so it shows about as many images as the split holds.
 - Classes are visited in a random order, reshuffled whenever all have been visited, so every eligible class

@@ -18,8 +18,9 @@ from bench.report.runs import REFERENCE_LOSS, ReportError
 from bench.report.tables import display_name
 from bench.tracking import Tracker
 from bench.train.fairness import BATCHES_TAG, INIT_TAG, SPLITS_TAG
+from bench.vocabulary import STAGE, Stage
 
-TRIAL_STAGES = ("trial", "cv_fold")
+TRIAL_STAGES = (Stage.TRIAL, Stage.CV_FOLD)
 SHOWN_CHARS = 12
 ALLOW_FLAG = "--allow-unfair"
 UNFAIR_MARK = (
@@ -48,7 +49,7 @@ def _tag(tags: dict[str, str], key: str) -> str | None:
 
 def read_receipt(tracker: Tracker, final: pd.DataFrame) -> Receipt:
     """The receipt tags of `final` (rows of `runs.final_runs`) and of every tuning run in the experiment."""
-    tags = {run.info.run_id: run.data.tags for run in tracker.find_runs(tags={"stage": "final"})}
+    tags = {run.info.run_id: run.data.tags for run in tracker.find_runs(tags={STAGE: Stage.FINAL})}
     finals = final[["run_id", "loss", "dataset", "seed"]].copy()
     for column, key in (("init_hash", INIT_TAG), ("batches_hash", BATCHES_TAG), ("splits", SPLITS_TAG)):
         finals[column] = [_tag(tags.get(run_id, {}), key) for run_id in finals["run_id"]]
@@ -61,7 +62,7 @@ def read_receipt(tracker: Tracker, final: pd.DataFrame) -> Receipt:
             "splits": _tag(run.data.tags, SPLITS_TAG),
         }
         for stage in TRIAL_STAGES
-        for run in tracker.find_runs(tags={"stage": stage})
+        for run in tracker.find_runs(tags={STAGE: stage})
     ]
     return Receipt(finals, pd.DataFrame(trials, columns=["run_id", "name", "stage", "status", "splits"]))
 

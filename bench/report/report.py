@@ -22,6 +22,7 @@ from bench.report import cost, figures, gradients, receipt, runs, significance, 
 from bench.report.edges import edge_frame, edge_notes
 from bench.report.runs import REFERENCE_LOSS, open_store
 from bench.tracking import Tracker
+from bench.vocabulary import VAL_MAP_AT_R
 
 log = logging.getLogger(__name__)
 ABLATION_METRIC = "map_at_r"
@@ -96,7 +97,7 @@ def make_report(
             _write(stage, written, f"comparison_{name}.csv", tables.to_csv(summary))
             recall = figures.recall_figure(summary, metrics, str(dataset))
             _save(stage, written, recall, f"recall_at_k_{name}", figures.recall_data(summary, metrics))
-            history = runs.metric_histories(tracker, part, "val/map_at_r")
+            history = runs.metric_histories(tracker, part, VAL_MAP_AT_R)
             if len(history):
                 fig, data = figures.curves_figure(
                     history, "validation MAP@R", f"{dataset}: validation MAP@R (band: min–max over seeds)"

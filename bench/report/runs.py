@@ -1,5 +1,5 @@
 """Read what the report needs from the stores: final and ablation runs from MLflow (through the tracker),
-trials from Optuna.
+studies from Optuna (through bench.tune).
 
 Everything is returned as plain pandas frames, so tables and figures never talk to MLflow themselves and tests
 can check them against numbers read back independently.
@@ -13,7 +13,7 @@ from mlflow.entities import Run
 
 from bench import layout
 from bench.tracking import MissingExperiment, Tracker, redact
-from bench.tune.edges import WIDENED_SUFFIX
+from bench.vocabulary import STAGE, STUDY, SUPERSEDED_BY, Stage
 
 REFERENCE_LOSS = "smooth_ap"
 RUN_COLUMNS = ["run_id", "loss", "dataset", "seed"]
@@ -44,7 +44,7 @@ def _row(run: Run) -> dict:
         "loss": loss,
         "dataset": params.get("dataset") or params.get("data.name"),
         "seed": int(seed) if seed is not None else None,
-        "study": tags.get("study"),
+        STUDY: tags.get(STUDY),
         "batch_size": _int(params.get("data.batch_size")),
         "per_class": _int(params.get("data.samples_per_class")),
         "embedding_dim": _int(params.get("model.embedding_dim")),
@@ -66,8 +66,8 @@ def final_runs(tracker: Tracker) -> pd.DataFrame:
     Runs superseded by a loss's retuning over widened ranges (tag `superseded_by`) are left out."""
     runs = [
         r
-        for r in tracker.find_runs(tags={"stage": "final"}, status="FINISHED")
-        if "superseded_by" not in r.data.tags
+        for r in tracker.find_runs(tags={STAGE: Stage.FINAL}, status="FINISHED")
+        if SUPERSEDED_BY not in r.data.tags
     ]
     if not runs:
         raise ReportError(
@@ -88,7 +88,7 @@ def ablation_runs(tracker: Tracker) -> pd.DataFrame:
 
     Values are parsed as floats where they are numbers, so sweeps plot on a numeric axis.
     """
-    runs = tracker.find_runs(tags={"stage": "ablation"}, status="FINISHED")
+    runs = tracker.find_runs(tags={STAGE: Stage.ABLATION}, status="FINISHED")
     rows = []
     for run in runs:
         row = _row(run)
@@ -131,22 +131,15 @@ def metric_histories(tracker: Tracker, runs: pd.DataFrame, key: str) -> pd.DataF
 
 
 def optuna_studies(storage: str, experiment: str, final: pd.DataFrame | None = None) -> dict[str, object]:
-    """The tuning studies keyed by loss: `<experiment>-<loss>`, or the study a loss's final runs name in their
-    `study` tag (it wins: bench.tune names studies after the config's name, which may differ from the MLflow
-    experiment's, and a loss retuned over widened ranges has its `-widened` study). Empty when the storage
-    holds none.
-    """
-    import optuna
+    """The tuning studies keyed by loss (`bench.tune.stored.experiment_studies`): `<experiment>-<loss>`, or
+    the study a loss's final runs name in their `study` tag. Empty when the storage holds none."""
+    from bench.tune.stored import experiment_studies
 
-    if layout.missing_sqlite(storage):
-        return {}  # don't let Optuna create an empty database file as a side effect
-    existing = set(optuna.study.get_all_study_names(storage))
-    prefix = f"{experiment}-"
-    names = {n[len(prefix) :]: n for n in existing if n.startswith(prefix) and not n.endswith(WIDENED_SUFFIX)}
-    if final is not None and "study" in final:
-        tagged = final[["loss", "study"]].dropna().drop_duplicates("loss")
-        names.update({row.loss: row.study for row in tagged.itertuples() if row.study in existing})
-    return {loss: optuna.load_study(study_name=names[loss], storage=storage) for loss in sorted(names)}
+    tagged: dict[str, str] = {}
+    if final is not None and STUDY in final:
+        rows = final[["loss", STUDY]].dropna().drop_duplicates("loss")
+        tagged = dict(zip(rows["loss"], rows[STUDY], strict=True))
+    return experiment_studies(storage, experiment, tagged)
 
 
 def trials_frame(study) -> pd.DataFrame:

@@ -21,13 +21,14 @@ from bench.config import Experiment
 from bench.evaluate import evaluate_split
 from bench.train.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
 from bench.train.trainer import Hook, StepResult, Trainer
+from bench.vocabulary import TRAIN_LOSS, VAL_MAP_AT_R, VAL_RECALL_AT_1
 
 if TYPE_CHECKING:  # MLflow is imported only by callers that track, so training runs where it is absent
     from bench.data import DatasetBundle
     from bench.tracking import Tracker
 
 EpochCallback = Callable[[int, dict[str, float]], None]
-SHOWN_METRICS = ("train/loss", "val/map_at_r", "val/recall_at_1")
+SHOWN_METRICS = (TRAIN_LOSS, VAL_MAP_AT_R, VAL_RECALL_AT_1)
 
 
 def _evaluate(trainer: Trainer, split) -> dict[str, float]:

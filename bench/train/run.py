@@ -40,6 +40,7 @@ from bench.train.memory import CrossBatchMemory
 from bench.train.resume import CHANGES_TAG, Change, config_changes, describe
 from bench.train.steps import CachedStep, PlainStep, accepts_ref_items, warn_if_chunks_change_batchnorm
 from bench.train.trainer import Trainer
+from bench.vocabulary import STAGE, Stage
 
 if TYPE_CHECKING:  # MLflow is imported only by callers that track, so training runs where it is absent
     from bench.tracking import Tracker
@@ -109,7 +110,7 @@ def train_and_evaluate(
         else:
             name = run_name or f"{exp.loss.name}-seed{exp.train.seed}"
             with tracker.run(
-                name, {"stage": "train", **(tags or {})}, parent_run_id, run_id=trainer.run_id
+                name, {STAGE: Stage.TRAIN, **(tags or {})}, parent_run_id, run_id=trainer.run_id
             ) as run:
                 if resumed:
                     _log_resume(tracker, run, trainer, start, new_run=trainer.run_id is None)

@@ -5,20 +5,23 @@ Fairness rules built in here (Musgrave et al., "A Metric Learning Reality Check"
 - trials are scored on validation classes held out from training (or class-disjoint k-fold over the training
   classes), never on test classes; only the final seed runs touch the test set, once each.
 
-The package is cut along its seams: `space` (what a trial overrides), `sampler` (TPE seeded per trial,
-pruners), `study` (Optuna only: create, audit, count), `objective` (one trial's body), `runner` (many losses
-in turn, with their MLflow parent runs) and `finals` (the final seeds).
+The package is cut along its seams: `job` (one tuning job, described once), `space` (what a trial overrides),
+`sampler` (TPE seeded per trial, pruners), `study` (Optuna only: create, audit, count), `objective` (one
+trial's body), `runner` (many losses in turn, with their MLflow parent runs), `workers` (several processes),
+`finals` (the final seeds) and `stored` (what a storage holds, read for reports). The order they run in, with
+widening, lives in `bench.pipeline`; run names and keys in `bench.vocabulary`.
 """
 
 from bench.tune.finals import FinalRun, final_seeds, run_finals
+from bench.tune.job import TuneJob
 from bench.tune.objective import Objective, SurplusTrial, fold_bundle
 from bench.tune.runner import LossTuner, TrialLine, format_seconds, tune_losses
 from bench.tune.sampler import TrialSeededTPE, make_pruner
 from bench.tune.space import describe_space, for_loss, suggest_overrides, suggest_shared, with_overrides
-from bench.tune.study import OBJECTIVE, LossStudy, StudySummary, budget_report, open_storage, study_name
+from bench.tune.stored import budget_report, experiment_studies
+from bench.tune.study import LossStudy, StudySummary, open_storage
 
 __all__ = [
-    "OBJECTIVE",
     "FinalRun",
     "LossStudy",
     "LossTuner",
@@ -27,8 +30,10 @@ __all__ = [
     "SurplusTrial",
     "TrialLine",
     "TrialSeededTPE",
+    "TuneJob",
     "budget_report",
     "describe_space",
+    "experiment_studies",
     "final_seeds",
     "fold_bundle",
     "for_loss",
@@ -36,7 +41,6 @@ __all__ = [
     "make_pruner",
     "open_storage",
     "run_finals",
-    "study_name",
     "suggest_overrides",
     "suggest_shared",
     "tune_losses",

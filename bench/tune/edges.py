@@ -18,7 +18,6 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 EDGE_FRACTION = 0.05  # of the range's width (log width for log-scaled parameters)
-WIDENED_SUFFIX = "-widened"
 
 
 @dataclass(frozen=True)

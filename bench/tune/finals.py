@@ -14,9 +14,21 @@ from bench import layout
 from bench.config import ConfigError, Experiment
 from bench.data import DatasetBundle, load_dataset
 from bench.train import default_checkpoint_path, holds_unfinished_run, train_and_evaluate
-from bench.tune.runner import PARENT_RUN_ATTR, format_seconds
+from bench.tune.job import TuneJob
+from bench.tune.runner import format_seconds
 from bench.tune.space import for_loss, with_overrides
-from bench.tune.study import best_trial, loss_study_name, open_storage, study_name
+from bench.tune.study import best_trial, loss_study_name, open_storage
+from bench.vocabulary import (
+    BEST_TRIAL,
+    PARENT_RUN_ATTR,
+    STAGE,
+    STUDY,
+    SUPERSEDED_BY,
+    TEST_MAP_AT_R,
+    TEST_RECALL_AT_1,
+    Stage,
+    study_name,
+)
 
 if TYPE_CHECKING:  # MLflow is imported by the caller that builds the tracker
     from bench.tracking import Tracker
@@ -42,35 +54,34 @@ def final_seeds(exp: Experiment, count: int | None = None) -> list[int]:
 
 
 def run_finals(
-    exp: Experiment,
+    job: TuneJob,
     loss: str,
     *,
     tracker: Tracker | None,
-    storage: str | None = None,
     seeds: Sequence[int] | None = None,
-    device: str = "auto",
     bundle: DatasetBundle | None = None,
     log: Log | None = print,
-    study: str | None = None,
 ) -> list[FinalRun]:
-    """Retrain the loss's best trial with each seed (tune.final_epochs, else train.epochs) and test it once.
+    """Retrain the loss's best trial (in the job's `study_name`, else the loss's study) with each seed
+    (`seeds`, default `final_seeds`; tune.final_epochs, else train.epochs) and test it once.
 
     Runs already FINISHED in MLflow for this study, best trial and seed are skipped; an interrupted one
     resumes from its checkpoint. A loss tuned again over widened ranges (`tune.widen`) is retrained from its
     widened study, and the final runs of its original study are tagged `superseded_by` (the report leaves
     them out).
     """
+    exp, study = job.exp, job.study_name
     name = study or loss_study_name(for_loss(exp, loss))
     if tracker is not None and study is None and name != study_name(exp.name, loss):
-        for old in tracker.find_runs(tags={"stage": "final", "study": study_name(exp.name, loss)}):
-            tracker.set_tags(old.info.run_id, {"superseded_by": name})
-    loaded = optuna.load_study(study_name=name, storage=open_storage(storage or exp.tune.storage))
+        for old in tracker.find_runs(tags={STAGE: Stage.FINAL, STUDY: study_name(exp.name, loss)}):
+            tracker.set_tags(old.info.run_id, {SUPERSEDED_BY: name})
+    loaded = optuna.load_study(study_name=name, storage=open_storage(job.storage))
     best = best_trial(loaded)
     base = with_overrides(for_loss(exp, loss), best.user_attrs["overrides"])
     parent = loaded.user_attrs.get(PARENT_RUN_ATTR)
     parent = parent if tracker is not None and tracker.has_run(parent) else None
     bundle = bundle or load_dataset(exp.data)
-    tags = {"stage": "final", "study": name, "best_trial": str(best.number)}
+    tags = {STAGE: Stage.FINAL, STUDY: name, BEST_TRIAL: str(best.number)}
     results = []
     for seed in seeds if seeds is not None else final_seeds(exp):
         done = (
@@ -91,7 +102,7 @@ def run_finals(
         result = train_and_evaluate(
             fexp,
             tracker,
-            device=device,
+            device=job.device,
             resume=holds_unfinished_run(default_checkpoint_path(fexp)),
             evaluate_test=True,
             run_name=f"{loss}-final-seed{seed}",
@@ -104,8 +115,8 @@ def run_finals(
         if log:
             metrics = result.test_metrics
             log(
-                f"[final] {loss:<16} seed {seed}: test MAP@R {metrics.get('test/map_at_r', float('nan')):.4f}"
-                f" | R@1 {metrics.get('test/recall_at_1', float('nan')):.4f} | "
+                f"[final] {loss:<16} seed {seed}: test MAP@R {metrics.get(TEST_MAP_AT_R, float('nan')):.4f}"
+                f" | R@1 {metrics.get(TEST_RECALL_AT_1, float('nan')):.4f} | "
                 f"{format_seconds(time.perf_counter() - started)}"
             )
     return results

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import optuna
+from optuna.trial import TrialState
 
 from bench import layout
 from bench.config import Experiment
@@ -23,7 +24,8 @@ from bench.data.splits import class_folds
 from bench.device import resolve_device
 from bench.train import NonFiniteLossError, loggable_params, train_and_evaluate
 from bench.tune.space import suggest_overrides, with_overrides
-from bench.tune.study import OBJECTIVE, LossStudy
+from bench.tune.study import LossStudy
+from bench.vocabulary import FOLD, OBJECTIVE, OPTUNA_STATE, STAGE, STUDY, TRIAL, Stage
 
 if TYPE_CHECKING:  # MLflow is imported by the caller that builds the tracker
     from bench.tracking import Tracker
@@ -61,7 +63,7 @@ class Objective:
         texp = with_overrides(
             study.exp, {**overrides, "train.checkpoint_dir": str(workdir), "tracking.log_checkpoint": False}
         )
-        tags = {"stage": "trial", "study": study.name, "trial": str(trial.number), **worker}
+        tags = {STAGE: Stage.TRIAL, STUDY: study.name, TRIAL: str(trial.number), **worker}
         try:
             if texp.tune.cv_folds > 1:
                 return self._cross_validate(trial, texp, tags)
@@ -92,7 +94,7 @@ class Objective:
         except optuna.TrialPruned:
             if self.tracker is not None:
                 for run in self.tracker.find_runs(tags=tags):
-                    self.tracker.set_tags(run.info.run_id, {"optuna.state": "PRUNED"})
+                    self.tracker.set_tags(run.info.run_id, {OPTUNA_STATE: TrialState.PRUNED.name})
             raise
         self._mark_complete(trial, result.run_id)
         return float(result.val_history[-1][OBJECTIVE])
@@ -113,7 +115,7 @@ class Objective:
                     device=self.device,
                     evaluate_test=False,
                     run_name=f"{self.study.name}-trial{trial.number}-fold{fold}",
-                    tags={**tags, "stage": "cv_fold", "fold": str(fold)},
+                    tags={**tags, STAGE: Stage.CV_FOLD, FOLD: str(fold)},
                     parent_run_id=run_id,
                     bundle=fold_bundle(self.bundle, train_idx, val_idx, texp),
                     progress=False,
@@ -137,12 +139,12 @@ class Objective:
             try:
                 yield run_id
             except optuna.TrialPruned:
-                self.tracker.set_tags(run_id, {"optuna.state": "PRUNED"})
+                self.tracker.set_tags(run_id, {OPTUNA_STATE: TrialState.PRUNED.name})
                 raise
 
     def _mark_complete(self, trial: optuna.Trial, run_id: str | None) -> None:
         if self.tracker is not None and run_id:
-            self.tracker.set_tags(run_id, {"optuna.state": "COMPLETE"})
+            self.tracker.set_tags(run_id, {OPTUNA_STATE: TrialState.COMPLETE.name})
         trial.set_user_attr("mlflow_run_id", run_id)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,27 +17,19 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-import losses as loss_registry
 from bench.config import ConfigError, Experiment
 from bench.data import DatasetBundle, load_dataset
 from bench.tune.edges import EdgeHit, study_edge_hits, widened_ranges
+from bench.tune.job import TuneJob
 from bench.tune.objective import Objective, SurplusTrial
 from bench.tune.space import for_loss, with_overrides
-from bench.tune.study import (
-    GRACE_PERIOD,
-    HEARTBEAT_INTERVAL,
-    OBJECTIVE,
-    LossStudy,
-    StudySummary,
-    open_storage,
-    study_name,
-)
+from bench.tune.study import LossStudy, StudySummary, open_storage
+from bench.vocabulary import OBJECTIVE, PARENT_RUN_ATTR, STAGE, STUDY, Stage, study_name
 
 if TYPE_CHECKING:  # MLflow is imported by the caller that builds the tracker
     from bench.tracking import Tracker
 
 Log = Callable[[str], None]
-PARENT_RUN_ATTR = "mlflow_parent_run_id"
 
 
 @dataclass
@@ -92,7 +84,7 @@ class LossTuner:
                 self.tracker.resume_run(run_id)  # the budget was raised: the study is open again
             return run_id
         name = self.study.name
-        run_id = self.tracker.start_run(name, {"stage": "study", "study": name, "loss": self.loss})
+        run_id = self.tracker.start_run(name, {STAGE: Stage.STUDY, STUDY: name, "loss": self.loss})
         setup = self.study.setup()
         params = {key: setup[key] for key in ("loss", "budget", "sampler", "pruner", "cv_folds", "epochs")}
         params.update(seed=setup["sampler_seed"], dataset=self.study.exp.data.name)
@@ -167,36 +159,26 @@ def progress_line(line: TrialLine, done: int, budget: int, left_s: float | None)
 
 
 def tune_losses(
-    exp: Experiment,
-    loss_names: Sequence[str],
+    job: TuneJob,
     *,
     tracker: Tracker | None = None,
-    storage: str | None = None,
-    study_name_override: str | None = None,
-    timeout: float | None = None,
-    device: str = "auto",
     bundle: DatasetBundle | None = None,
     log: Log | None = print,
-    heartbeat_interval: int = HEARTBEAT_INTERVAL,
-    grace_period: int = GRACE_PERIOD,
-    poll_s: float = 2.0,
 ) -> dict[str, StudySummary]:
-    """Tune each loss until its study has `exp.tune.trials` finished trials, one trial per loss in turn.
+    """Tune each of the job's losses until its study has `tune.trials` finished trials, one trial per loss in
+    turn.
 
-    `timeout` (seconds): no new trial starts after it. Trials running in other workers are waited for, so when
+    No new trial starts after `job.timeout` seconds. Trials running in other workers are waited for, so when
     this returns without a timeout every study is complete.
     """
-    if study_name_override and len(loss_names) != 1:
-        raise ConfigError("--study-name names one study: give exactly one loss with it")
-    for loss in loss_names:
-        loss_registry.get_spec(loss)  # unknown names fail before any data is read
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    bundle = bundle or load_dataset(exp.data)
-    rdb = open_storage(storage or exp.tune.storage, heartbeat_interval, grace_period)
+    bundle = bundle or load_dataset(job.exp.data)
+    rdb = open_storage(job.storage, job.heartbeat_interval, job.grace_period)
     tuners = [
-        LossTuner(for_loss(exp, loss), rdb, tracker, bundle, device=device, name=study_name_override)
-        for loss in loss_names
+        LossTuner(for_loss(job.exp, loss), rdb, tracker, bundle, device=job.device, name=job.study_name)
+        for loss in job.losses
     ]
+    timeout = job.timeout
     deadline = None if timeout is None else time.monotonic() + timeout
 
     def past_deadline() -> bool:
@@ -222,7 +204,7 @@ def tune_losses(
                 done = tuner.summary().complete + tuner.summary().pruned
                 log(progress_line(line, done, tuner.budget, float(np.mean(durations)) * left))
         if not open_tuners:
-            time.sleep(poll_s)  # the remaining trials belong to other workers (or to dead ones, until stale)
+            time.sleep(job.poll_s)  # the remaining trials run in other workers (or dead ones, until stale)
     summaries = {t.loss: t.close() for t in tuners}
     if log is not None:
         for tuner in tuners:
@@ -231,15 +213,14 @@ def tune_losses(
     return summaries
 
 
-def ranges_to_widen(
-    exp: Experiment, loss_names: Sequence[str], storage: str, factor: float
-) -> dict[str, dict[str, list[float]]]:
-    """For each loss whose (original) study's best value hit an edge: its widened ranges, as `tune.widen`."""
-    rdb = open_storage(storage)
+def ranges_to_widen(job: TuneJob, factor: float) -> dict[str, dict[str, list[float]]]:
+    """For each loss whose (original) study's best value hit an edge: its ranges widened by `factor`, as
+    `tune.widen`."""
+    rdb = open_storage(job.storage)
     existing = set(optuna.get_all_study_names(rdb))
     widen = {}
-    for loss in loss_names:
-        name = study_name(exp.name, loss)
+    for loss in job.losses:
+        name = study_name(job.exp.name, loss)
         hits = study_edge_hits(optuna.load_study(study_name=name, storage=rdb)) if name in existing else []
         if hits:
             widen[loss] = widened_ranges(hits, factor)

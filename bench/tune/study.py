@@ -25,20 +25,15 @@ from bench import layout
 from bench.backoff import with_backoff
 from bench.config import ConfigError, Experiment
 from bench.tracking import redact
-from bench.tune.edges import WIDENED_SUFFIX
 from bench.tune.sampler import make_pruner, make_sampler
 from bench.tune.space import describe_space, recipe_fingerprint
+from bench.vocabulary import study_name
 
 HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats
 GRACE_PERIOD = 60  # a RUNNING trial without a heartbeat for this long belongs to a dead worker
 STORAGE_RETRY_S = 120.0  # how long a call waits for a database that went away before the worker gives up
 LIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-OBJECTIVE = "val/map_at_r"
 SILENT_FAILURE = "no heartbeat within the grace period: its worker died before the first one"
-
-
-def study_name(experiment: str, loss: str, widened: bool = False) -> str:
-    return f"{experiment}-{loss}{WIDENED_SUFFIX if widened else ''}"
 
 
 def loss_study_name(exp: Experiment) -> str:
@@ -367,40 +362,3 @@ def best_trial(study: optuna.Study) -> FrozenTrial:
     if not complete:
         raise ValueError(f"study {study.study_name!r} has no COMPLETE trial: tune it before the final runs")
     return max(complete, key=lambda t: t.value)
-
-
-def budget_report(
-    storage: str, experiment: str, loss_names: Sequence[str], widened: Sequence[str] = ()
-) -> Any:
-    """Per loss, the stored study's budget and its trials by state: shows that every loss had an equal
-    budget. The losses in `widened` are counted in their `-widened` study."""
-    import pandas as pd
-
-    rdb = (
-        None if layout.missing_sqlite(storage) else open_storage(storage)
-    )  # reading must not create a database
-    known = set() if rdb is None else set(optuna.get_all_study_names(rdb))
-    rows = []
-    for loss in loss_names:
-        name = study_name(experiment, loss, widened=loss in widened)
-        row: dict[str, Any] = {"loss": loss, "study": name, "budget": None, "best_value": None}
-        trials: list[FrozenTrial] = []
-        if name in known:
-            study = optuna.load_study(study_name=name, storage=rdb)
-            trials = study.get_trials(deepcopy=False)
-            values = [t.value for t in trials if t.state == TrialState.COMPLETE]
-            row.update(budget=study.user_attrs.get("budget"), best_value=max(values) if values else None)
-        count = {state: sum(t.state == state for t in trials) for state in TrialState}
-        rows.append(
-            {
-                **row,
-                "complete": count[TrialState.COMPLETE],
-                "pruned": count[TrialState.PRUNED],
-                "failed": count[TrialState.FAIL],
-                "running": count[TrialState.RUNNING],
-                "finished": count[TrialState.COMPLETE] + count[TrialState.PRUNED],
-            }
-        )
-    return pd.DataFrame(rows)[
-        ["loss", "study", "budget", "complete", "pruned", "failed", "running", "finished", "best_value"]
-    ]

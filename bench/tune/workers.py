@@ -3,9 +3,9 @@
 One worker per GPU, pinned with CUDA_VISIBLE_DEVICES (round-robin when there are more workers than GPUs), or
 N CPU workers with the machine's cores split between them. The studies and their MLflow parent runs are
 created here, before any worker starts, so workers only load them (Optuna issue #1092: processes racing to
-create the tables or a study fail). Every worker runs `tune_losses` on the same storage, so budgets stay
-exactly equal: a worker claims a trial only while fewer than `budget` live trials precede it. The same command
-on other machines with the same PostgreSQL `--storage` joins the same studies.
+create the tables or a study fail). Every worker runs `tune_losses` on the same job (`TuneJob`), so budgets
+stay exactly equal: a worker claims a trial only while fewer than `budget` live trials precede it. The same
+command on other machines with the same PostgreSQL `--storage` joins the same studies.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench import layout
-from bench.config import ConfigError, Experiment
+from bench.config import ConfigError
 from bench.device import resolve_device
+from bench.tune.job import TuneJob
 from bench.tune.runner import LossTuner, tune_losses
 from bench.tune.space import for_loss
-from bench.tune.study import GRACE_PERIOD, HEARTBEAT_INTERVAL, StorageLost, open_storage
+from bench.tune.study import StorageLost, open_storage
 
 if TYPE_CHECKING:  # MLflow is imported by the caller that builds the tracker
     from bench.data import DatasetBundle
@@ -55,22 +56,14 @@ class TrackingTarget:
     spool_dir: Path
 
 
-@dataclass
+@dataclass(frozen=True)
 class WorkerJob:
-    """What every worker runs: `tune_losses` with these arguments (pickled into each process)."""
+    """What every worker process receives (pickled): the job, where to log, and the dataset when it is held
+    in memory (None: each worker reads it itself)."""
 
-    exp: Experiment
-    loss_names: list[str]
-    loss_modules: list[str]  # --loss-module files: a spawned process starts with the package's losses only
-    storage: str
+    tune: TuneJob
     tracking: TrackingTarget | None
-    study_name: str | None
-    timeout: float | None
-    device: str
-    bundle: DatasetBundle | None  # None: each worker reads the dataset itself
-    heartbeat_interval: int
-    grace_period: int
-    poll_s: float
+    bundle: DatasetBundle | None
 
 
 @dataclass(frozen=True)
@@ -128,62 +121,36 @@ def time_left(timeout: float | None, started: float) -> float | None:
 
 
 def tune_in_workers(
-    exp: Experiment,
-    loss_names: Sequence[str],
-    workers: int,
+    job: TuneJob,
     *,
     tracker: Tracker | None = None,
-    storage: str | None = None,
-    study_name_override: str | None = None,
-    timeout: float | None = None,
-    device: str = "auto",
     bundle: DatasetBundle | None = None,
     log: Log | None = print,
-    heartbeat_interval: int = HEARTBEAT_INTERVAL,
-    grace_period: int = GRACE_PERIOD,
-    poll_s: float = 2.0,
-    loss_modules: Sequence[str] = (),
 ) -> list[WorkerExit]:
-    """Tune `loss_names` in `workers` processes until every study has its budget (or `timeout` passes);
-    how each worker ended.
+    """Tune the job's losses in `job.workers` processes until every study has its budget (or the timeout
+    passes); how each worker ended.
 
     A worker that dies leaves its trial to the heartbeat check and its share of the budget to the others.
-    Call `tune_losses` afterwards, as without workers: it finds the budgets finished (or finishes what dead
-    workers left) and closes the studies' MLflow runs. A dataset held in memory (Omniglot) is read once,
-    here, and shared; image files are listed again by each worker.
+    Call `tune_losses` afterwards, as without workers (`bench.pipeline.tune` does): it finds the budgets
+    finished (or finishes what dead workers left) and closes the studies' MLflow runs. A dataset held in
+    memory (Omniglot) is read once, here, and shared; image files are listed again by each worker. The job's
     `loss_modules` (files) are loaded in every worker; losses registered otherwise in this process are not
     seen there.
     """
     from bench.data import load_dataset
 
-    if study_name_override and len(loss_names) != 1:
-        raise ConfigError("--study-name names one study: give exactly one loss with it")
-    slots = worker_slots(workers, device)
-    storage = storage or exp.tune.storage
-    bundle = bundle or load_dataset(exp.data)
-    rdb = open_storage(storage, heartbeat_interval, grace_period)
-    for loss in loss_names:  # each study and its MLflow parent run made once, before any worker opens it
-        LossTuner(for_loss(exp, loss), rdb, tracker, bundle, device=device, name=study_name_override)
-    if log and layout.sqlite_path(storage) is not None:
+    slots = worker_slots(job.workers, job.device)
+    bundle = bundle or load_dataset(job.exp.data)
+    rdb = open_storage(job.storage, job.heartbeat_interval, job.grace_period)
+    for loss in job.losses:  # each study and its MLflow parent run made once, before any worker opens it
+        LossTuner(for_loss(job.exp, loss), rdb, tracker, bundle, device=job.device, name=job.study_name)
+    if log and layout.sqlite_path(job.storage) is not None:
         log("[workers] SQLite serves workers of one machine only; PostgreSQL shares studies across machines")
     tracking = None
     if tracker is not None:
         tracking = TrackingTarget(tracker.uri, tracker.experiment, tracker.spool.folder)
-    job = WorkerJob(
-        exp,
-        list(loss_names),
-        list(loss_modules),
-        storage,
-        tracking,
-        study_name_override,
-        timeout,
-        device,
-        bundle if in_memory(bundle) else None,
-        heartbeat_interval,
-        grace_period,
-        poll_s,
-    )
-    return _run_processes(job, slots, log)
+    shared = bundle if in_memory(bundle) else None
+    return _run_processes(WorkerJob(job, tracking, shared), slots, log)
 
 
 def _run_processes(job: WorkerJob, slots: list[WorkerSlot], log: Log | None) -> list[WorkerExit]:
@@ -223,10 +190,10 @@ def run_worker(job: WorkerJob, slot: WorkerSlot) -> None:
     import torch
 
     torch.set_num_threads(slot.threads)
-    if job.loss_modules:
+    if job.tune.loss_modules:
         import losses
 
-        for path in job.loss_modules:
+        for path in job.tune.loss_modules:
             losses.load_loss_module(path)
     tracker = None
     if job.tracking is not None:
@@ -239,20 +206,7 @@ def run_worker(job: WorkerJob, slot: WorkerSlot) -> None:
         print(f"[worker {slot.index}] {line}", flush=True)
 
     try:
-        tune_losses(
-            job.exp,
-            job.loss_names,
-            tracker=tracker,
-            storage=job.storage,
-            study_name_override=job.study_name,
-            timeout=job.timeout,
-            device=job.device,
-            bundle=job.bundle,
-            log=log,
-            heartbeat_interval=job.heartbeat_interval,
-            grace_period=job.grace_period,
-            poll_s=job.poll_s,
-        )
+        tune_losses(job.tune, tracker=tracker, bundle=job.bundle, log=log)
     except StorageLost as error:
         print(f"[worker {slot.index}] {error}", file=sys.stderr, flush=True)
         sys.exit(EXIT_STORAGE_LOST)

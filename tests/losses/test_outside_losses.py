@@ -27,10 +27,10 @@ EXAMPLE_FIRST_LINE = "# my_losses/margin_hinge.py"
 
 
 def readme_example() -> str:
-    """The README's walkthrough loss, verbatim: the python block that starts with EXAMPLE_FIRST_LINE."""
-    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    """docs/losses.md's walkthrough loss, verbatim: the python block that starts with EXAMPLE_FIRST_LINE."""
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "docs" / "losses.md").read_text(), re.S)
     found = [block for block in blocks if block.startswith(EXAMPLE_FIRST_LINE)]
-    assert len(found) == 1, f"README.md should hold one python block starting with {EXAMPLE_FIRST_LINE!r}"
+    assert len(found) == 1, f"docs/losses.md should hold one python block starting {EXAMPLE_FIRST_LINE!r}"
     return found[0]
 
 
@@ -52,7 +52,7 @@ def outside(tmp_path) -> Path:
 
 
 def test_readme_example_passes_the_projects_own_loss_tests(registry, outside):
-    """The same test functions as tests/losses/test_loss_{registry,learning}.py, called on the README's loss
+    """The same test functions as tests/losses/test_loss_{registry,learning}.py, called on the docs' loss
     (they are parametrised over the registry at collection, before any file can be loaded)."""
     file = outside / "margin_hinge.py"
     file.write_text(readme_example())

@@ -88,7 +88,7 @@ def test_a_widened_trial_replaces_only_the_named_ranges():
 def test_an_edge_is_tagged_reported_and_widened_on_an_equal_budget(tmp_path, tracker, synthetic_bundle):
     from bench.pipeline import run_main_job
     from bench.report.edges import edge_frame, edge_notes
-    from bench.tune import LossTuner, open_storage
+    from bench.tune import LossTuner, TuneJob, open_storage
     from tests.helpers import tiny_experiment
 
     exp = tiny_experiment(tmp_path, trials=1, epochs=1, extra=["tune.final_seeds=1", "tune.pruner=none"])
@@ -97,14 +97,11 @@ def test_an_edge_is_tagged_reported_and_widened_on_an_equal_budget(tmp_path, tra
     tuner.study.study.enqueue_trial({"temperature": 1.0})  # the study's first trial: the top of the range
     lines: list[str] = []
     result = run_main_job(
-        exp,
-        ["smooth_ap"],
+        TuneJob(exp, ["smooth_ap"], device="cpu", widen=10),
         tracker=tracker,
-        device="cpu",
         bundle=synthetic_bundle,
         log=lines.append,
         after=lambda _: [],
-        widen=10,
     )
     assert any(line.startswith("[tune] edge: smooth_ap temperature=1 at the high edge") for line in lines)
     (parent,) = tracker.find_runs(tags={"stage": "study", "study": "omniglot-smooth_ap"})

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from bench.report import receipt
 from bench.report.runs import final_runs
-from bench.tune import LossTuner, budget_report, objective, run_finals, runner, tune_losses
+from bench.tune import LossTuner, TuneJob, budget_report, objective, run_finals, runner, tune_losses
 from tests.helpers import tiny_bundle, tiny_experiment
 
 LOSSES = ["smooth_ap", "triplet", "contrastive"]
@@ -40,12 +40,12 @@ def test_a_timeout_leaves_budgets_at_most_one_trial_apart_and_a_rerun_evens_them
     exp = tiny_experiment(tmp_path, trials=2, epochs=1)
     bundle = tiny_bundle()
     lines: list[str] = []
-    tune_losses(exp, LOSSES, device="cpu", bundle=bundle, timeout=35, log=lines.append)
+    tune_losses(TuneJob(exp, LOSSES, device="cpu", timeout=35), bundle=bundle, log=lines.append)
     finished = budget_report(exp.tune.storage, exp.name, LOSSES).set_index("loss")["finished"]
     assert finished.to_dict() == {"smooth_ap": 2, "triplet": 1, "contrastive": 1}
     assert lines[-1].startswith("[tune] timeout after 35s")
 
-    summaries = tune_losses(exp, LOSSES, device="cpu", bundle=bundle, log=None)
+    summaries = tune_losses(TuneJob(exp, LOSSES, device="cpu"), bundle=bundle, log=None)
     finished = budget_report(exp.tune.storage, exp.name, LOSSES).set_index("loss")["finished"]
     assert finished.to_dict() == dict.fromkeys(LOSSES, 2)
     assert all(s.done for s in summaries.values())
@@ -61,7 +61,7 @@ def test_one_study_run_twice_gives_the_same_trials(tmp_path):
     studies = []
     for attempt in ("first", "second"):  # fresh storages and checkpoints, the same seed
         exp = tiny_experiment(tmp_path / attempt, trials=3, epochs=2)
-        tune_losses(exp, ["smooth_ap"], device="cpu", bundle=bundle, log=None)
+        tune_losses(TuneJob(exp, ["smooth_ap"], device="cpu"), bundle=bundle, log=None)
         studies.append(trials_of(exp.tune.storage, "omniglot-smooth_ap"))
     assert len(studies[0]) == 3
     assert len({repr(t[2]) for t in studies[0]}) == 3  # three different settings were tried
@@ -81,9 +81,13 @@ def test_tuning_runs_evaluate_validation_only_and_the_finals_share_their_receipt
 ):
     exp = tiny_experiment(tmp_path, trials=2, epochs=1)
     bundle = tiny_bundle()
-    tune_losses(exp, ["smooth_ap", "triplet"], tracker=tracker, device="cpu", bundle=bundle, log=None)
+    tune_losses(
+        TuneJob(exp, ["smooth_ap", "triplet"], device="cpu"), tracker=tracker, bundle=bundle, log=None
+    )
     for loss in ("smooth_ap", "triplet"):
-        run_finals(exp, loss, tracker=tracker, seeds=[1], device="cpu", bundle=bundle, log=None)
+        run_finals(
+            TuneJob(exp, [loss], device="cpu"), loss, tracker=tracker, seeds=[1], bundle=bundle, log=None
+        )
 
     splits = splits_by_stage(tracking_uri, tracker.experiment_id)
     assert splits["trial"] == ["val"] * 4
@@ -102,7 +106,7 @@ def test_trials_evaluated_on_the_test_split_are_refused(tmp_path, tracker, monke
         lambda *args, **kwargs: real_train(*args, **{**kwargs, "evaluate_test": True}),
     )
     exp = tiny_experiment(tmp_path, trials=2, epochs=1)
-    tune_losses(exp, ["smooth_ap"], tracker=tracker, device="cpu", bundle=tiny_bundle(), log=None)
+    tune_losses(TuneJob(exp, ["smooth_ap"], device="cpu"), tracker=tracker, bundle=tiny_bundle(), log=None)
     no_finals = pd.DataFrame(columns=["run_id", "loss", "dataset", "seed"])
     fairness = receipt.read_receipt(tracker, no_finals)
     with pytest.raises(receipt.UnfairComparison) as refusal:

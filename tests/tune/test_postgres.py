@@ -155,7 +155,7 @@ def test_three_workers_finish_the_budget_exactly_though_one_is_killed_mid_trial(
 
 
 def test_a_worker_killed_right_after_creating_its_trial_leaves_no_running_trial(database, tmp_path):
-    from bench.tune import LossStudy, open_storage, tune_losses
+    from bench.tune import LossStudy, TuneJob, open_storage, tune_losses
     from bench.tune.study import SILENT_FAILURE
 
     exp = _experiment(tmp_path, trials=3, epochs=1)
@@ -176,18 +176,17 @@ def test_a_worker_killed_right_after_creating_its_trial_leaves_no_running_trial(
     (orphan,) = _trials(database, tmp_path)
     assert orphan.state == TrialState.RUNNING
 
-    tune_losses(
+    job = TuneJob(
         exp,
         [LOSS],
         storage=database,
         device="cpu",
-        bundle=tiny_bundle(),
-        log=None,
         heartbeat_interval=HEARTBEAT,
         grace_period=GRACE,
         poll_s=0.2,
         timeout=60,  # without the fix the orphan holds a slot forever: this ends the wait
     )
+    tune_losses(job, bundle=tiny_bundle(), log=None)
     trials = _trials(database, tmp_path)
     assert len(_by_state(trials, TrialState.COMPLETE)) == 3 and not _by_state(trials, TrialState.RUNNING)
     failed = [t for t in trials if t.state == TrialState.FAIL]
@@ -231,6 +230,7 @@ def _main(argv: list[str]) -> None:
     `lose URL WORKDIR TRIALS EPOCHS`: one worker in this process, giving up on the database after 6 s."""
     import torch
 
+    from bench.tune import TuneJob
     from bench.tune import study as study_module
     from bench.tune.workers import WorkerJob, WorkerSlot, run_worker, tune_in_workers
 
@@ -239,19 +239,12 @@ def _main(argv: list[str]) -> None:
     exp = _experiment(Path(workdir), int(trials), int(epochs))
     settings = {"heartbeat_interval": HEARTBEAT, "grace_period": GRACE, "poll_s": 0.5}
     if mode == "workers":
-        tune_in_workers(
-            exp,
-            [LOSS],
-            int(rest[0]),
-            storage=url,
-            device="cpu",
-            bundle=tiny_bundle(),
-            timeout=300,  # seconds: a slow machine ends with fewer trials, and the test says so
-            **settings,
-        )
+        # timeout in seconds: a slow machine ends with fewer trials, and the test says so
+        job = TuneJob(exp, [LOSS], url, "cpu", timeout=300, workers=int(rest[0]), **settings)
+        tune_in_workers(job, bundle=tiny_bundle())
     else:
         study_module.STORAGE_RETRY_S = 6.0
-        job = WorkerJob(exp, [LOSS], [], url, None, None, 200, "cpu", tiny_bundle(), **settings)
+        job = WorkerJob(TuneJob(exp, [LOSS], url, "cpu", timeout=200, **settings), None, tiny_bundle())
         run_worker(job, WorkerSlot(0, None, 1))
 
 

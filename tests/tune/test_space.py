@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from bench.config import ConfigError
-from bench.tune import TrialSeededTPE, suggest_shared, tune_losses, with_overrides
+from bench.tune import TrialSeededTPE, TuneJob, suggest_shared, with_overrides
 from tests.helpers import tiny_experiment
 
 
@@ -51,4 +51,4 @@ def test_shared_space_entries_become_config_overrides(tmp_path):
 
 def test_a_study_name_with_several_losses_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="exactly one loss"):
-        tune_losses(tiny_experiment(tmp_path), ["smooth_ap", "triplet"], study_name_override="x", log=None)
+        TuneJob(tiny_experiment(tmp_path), ["smooth_ap", "triplet"], study_name="x")

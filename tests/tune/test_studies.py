@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 from bench.config import ConfigError
 from bench.tracking import Tracker
-from bench.tune import LossTuner, budget_report, fold_bundle, open_storage, run_finals, tune_losses
+from bench.tune import LossTuner, TuneJob, budget_report, fold_bundle, open_storage, run_finals, tune_losses
 from tests.helpers import tiny_bundle, tiny_experiment
 
 
@@ -23,7 +23,10 @@ def test_studies_have_equal_budgets_nested_mlflow_runs_and_distinct_final_seeds(
     bundle = tiny_bundle()
     lines: list[str] = []
     summaries = tune_losses(
-        exp, ["smooth_ap", "contrastive"], tracker=tracker, device="cpu", bundle=bundle, log=lines.append
+        TuneJob(exp, ["smooth_ap", "contrastive"], device="cpu"),
+        tracker=tracker,
+        bundle=bundle,
+        log=lines.append,
     )
 
     budgets = budget_report(exp.tune.storage, exp.name, ["smooth_ap", "contrastive"]).set_index("loss")
@@ -52,11 +55,16 @@ def test_studies_have_equal_budgets_nested_mlflow_runs_and_distinct_final_seeds(
             assert trial.value == pytest.approx(max(history, key=lambda m: m.step).value)
         assert summaries[loss].best_value == max(t.value for t in study.trials)
 
-    again = tune_losses(exp, ["smooth_ap"], tracker=tracker, device="cpu", bundle=bundle, log=None)
+    again = tune_losses(TuneJob(exp, ["smooth_ap"], device="cpu"), tracker=tracker, bundle=bundle, log=None)
     assert again["smooth_ap"].complete == 2  # re-running a finished study adds nothing
 
     finals = run_finals(
-        exp, "smooth_ap", tracker=tracker, seeds=[1, 2], device="cpu", bundle=bundle, log=None
+        TuneJob(exp, ["smooth_ap"], device="cpu"),
+        "smooth_ap",
+        tracker=tracker,
+        seeds=[1, 2],
+        bundle=bundle,
+        log=None,
     )
     final_runs = runs(tracker, "tags.stage = 'final'")
     assert sorted(r.data.params["seed"] for r in final_runs) == ["1", "2"]
@@ -71,7 +79,14 @@ def test_studies_have_equal_budgets_nested_mlflow_runs_and_distinct_final_seeds(
         next(r for r in final_runs if r.data.params["seed"] == str(f.seed)).data.metrics["test/map_at_r"]
         for f in finals
     ]
-    rerun = run_finals(exp, "smooth_ap", tracker=tracker, seeds=[1, 2], device="cpu", bundle=bundle, log=None)
+    rerun = run_finals(
+        TuneJob(exp, ["smooth_ap"], device="cpu"),
+        "smooth_ap",
+        tracker=tracker,
+        seeds=[1, 2],
+        bundle=bundle,
+        log=None,
+    )
     assert all(f.skipped for f in rerun) and len(runs(tracker, "tags.stage = 'final'")) == 2
 
 

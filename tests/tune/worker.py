@@ -16,18 +16,20 @@ from tests.helpers import tiny_bundle, tiny_experiment
 def tune_worker(storage: str, checkpoints: Path, trials: int, epochs: int) -> None:
     """One tuning worker on the `contrastive` study, with heartbeats fast enough for a test to see a dead
     one."""
-    from bench.tune import tune_losses
+    from bench.tune import TuneJob, tune_losses
 
     exp = tiny_experiment(checkpoints, trials=trials, epochs=epochs, extra=["tune.pruner=none"])
     tune_losses(
-        exp,
-        ["contrastive"],
-        storage=storage,
-        device="cpu",
+        TuneJob(
+            exp,
+            ["contrastive"],
+            storage=storage,
+            device="cpu",
+            heartbeat_interval=1,
+            grace_period=3,
+            poll_s=0.5,
+        ),
         bundle=tiny_bundle(),
-        heartbeat_interval=1,
-        grace_period=3,
-        poll_s=0.5,
     )
 
 
