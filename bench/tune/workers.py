@@ -11,6 +11,7 @@ command on other machines with the same PostgreSQL `--storage` joins the same st
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -184,7 +185,13 @@ def _run_processes(job: WorkerJob, slots: list[WorkerSlot], log: Log | None) -> 
 
 def run_worker(job: WorkerJob, slot: WorkerSlot) -> None:
     """One worker process: pinned to its GPU before CUDA starts, on its share of the cores, tuning until
-    every study has its budget. A database that stays away ends it with status EXIT_STORAGE_LOST."""
+    every study has its budget. A database that stays away ends it with status EXIT_STORAGE_LOST.
+
+    Ctrl-C reaches the whole process group: a worker ignores it and the parent stops the workers (SIGTERM,
+    which exits through Python's shutdown, releasing what the worker holds), so the command ends with the
+    parent's one line rather than a traceback from every worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if slot.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = slot.gpu
     import torch

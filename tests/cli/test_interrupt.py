@@ -3,6 +3,7 @@ on stderr and no traceback, leaving a checkpoint that `--resume` accepts."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 
 from bench.cli import ON_INTERRUPT, main
 from bench.train.checkpoint import REQUIRED_KEYS
+from tests.helpers import write_folder_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 WAIT_S = 600  # a bound for the event, not a timing: the checkpoint appears after the first epoch
@@ -93,3 +95,43 @@ class _Parsed:
 
     def parse_args(self, argv):
         return self.args
+
+
+def test_ctrl_c_to_a_tune_with_workers_is_one_line_from_the_parent(tmp_path):
+    """Ctrl-C reaches the whole process group, workers included: the workers stop without a traceback each
+    and the command ends with the parent's one line."""
+    write_folder_dataset(tmp_path / "data", {"train": 12, "test": 4})
+    settings = ["data.name=folder", f"data.root={tmp_path / 'data'}", "data.image_size=16"]
+    settings += [
+        "data.val_fraction=0.25",
+        "data.batch_size=16",
+        "data.augment=false",
+        "model.embedding_dim=8",
+    ]
+    settings += [f"train.checkpoint_dir={tmp_path / 'checkpoints'}", "optim.lr_decay_epochs=[]"]
+    command = [sys.executable, "-m", "bench", "tune", "--losses", "smooth_ap,triplet", "--trials", "100"]
+    command += ["--workers", "2", "--no-final", "--no-progress", "--device", "cpu", "--epochs", "1"]
+    command += ["--storage", f"sqlite:///{tmp_path / 'optuna.db'}"]
+    command += ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    for setting in settings:
+        command += ["--set", setting]
+    process = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    trials_seen = 0
+    for line in process.stdout:  # each worker's trial lines: both are training
+        trials_seen += line.startswith("[worker") and "trial" in line
+        if trials_seen >= 2:
+            break
+    else:
+        pytest.fail(f"tune ended (code {process.wait()}) before its workers logged two trials")
+    os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C: every process in the group
+    _, err = process.communicate(timeout=WAIT_S)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.rstrip("\n").splitlines()[-1] == f"interrupted: {ON_INTERRUPT['tune']}"
