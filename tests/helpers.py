@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from bench.config import Experiment, load_experiment
 from bench.data import DatasetBundle, EvalSplit
@@ -143,3 +144,16 @@ class InterruptAt(torch.nn.Module):
         if self.calls == self.at:
             raise KeyboardInterrupt
         return self.inner(embeddings, labels)
+
+
+def write_folder_dataset(root: Path, classes: dict[str, int], per_class: int = 6, size: int = 16) -> None:
+    """root/<split>/<class>/<i>.png: each class a fixed random grey pattern plus per-image noise."""
+    rng = np.random.default_rng(0)
+    for split, count in classes.items():
+        for c in range(count):
+            pattern = rng.random((size, size)) > 0.6
+            for i in range(per_class):
+                pixels = np.clip(pattern * 200 + rng.normal(0, 25, (size, size)), 0, 255).astype(np.uint8)
+                path = root / split / f"class{c:02d}" / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels, mode="L").save(path)

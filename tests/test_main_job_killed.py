@@ -14,27 +14,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pytest
-from PIL import Image
+
+from tests.helpers import write_folder_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 LOSSES = ("smooth_ap", "triplet")
 BOUND_S = 900  # bounds for events on a busy machine, not timings
-
-
-def write_folder_dataset(root: Path, classes: dict[str, int], per_class: int = 6, size: int = 16) -> None:
-    """root/<split>/<class>/<i>.png: each class a fixed random grey pattern plus per-image noise."""
-    rng = np.random.default_rng(0)
-    for split, count in classes.items():
-        for c in range(count):
-            pattern = rng.random((size, size)) > 0.6
-            for i in range(per_class):
-                pixels = np.clip(pattern * 200 + rng.normal(0, 25, (size, size)), 0, 255).astype(np.uint8)
-                path = root / split / f"class{c:02d}" / f"{i}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(pixels, mode="L").save(path)
 
 
 RUNNING_TRIAL_RUNS = (
