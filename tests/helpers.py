@@ -4,12 +4,22 @@ experiment.
 The synthetic bundle is synthetic on purpose: each class is a fixed random ink pattern plus per-image noise,
 so a model can learn it in a few batches, and building it costs milliseconds (the real Omniglot reader reads
 32k images). Fixtures over these builders live in tests/conftest.py.
+
+Tests that wait for another process wait for an event with `wait_until`, never for a fixed time: the bound
+is minutes, so a busy machine makes them slower, not red.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -20,6 +30,44 @@ from bench.data import DatasetBundle, EvalSplit
 from bench.data.omniglot import FILES, TensorImages, read_npz
 
 OMNIGLOT = Path(__file__).resolve().parent.parent / "datasets" / "omniglot"
+WAIT_S = 600.0  # how long a test waits for an event before it fails: long enough for any busy machine
+T = TypeVar("T")
+
+
+def wait_until(
+    condition: Callable[[], T],
+    what: str,
+    *,
+    process: subprocess.Popen | None = None,
+    limit: float = WAIT_S,
+    poll: float = 0.2,
+) -> T:
+    """Poll `condition()` until it returns something truthy, and return that. Fails naming `what` after
+    `limit` seconds, or at once, with its output, if `process` exits first (the event can no longer come)."""
+    deadline = time.monotonic() + limit
+    while True:
+        found = condition()
+        if found:
+            return found
+        if process is not None and process.poll() is not None:
+            output = process.stdout.read() if process.stdout else ""
+            code = process.returncode
+            raise AssertionError(f"waiting for {what}: the process exited with {code}:\n{output}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waiting for {what}: it did not happen within {limit:.0f} s")
+        time.sleep(poll)
+
+
+@contextmanager
+def reaped(process: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """`process` (started with start_new_session=True), killed with everything it started if it still runs
+    when the block ends: a failed test leaves no worker behind."""
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 @lru_cache(maxsize=4)

@@ -5,7 +5,8 @@ PostgreSQL comes from the system's server binaries (Debian's `postgresql` packag
 /usr/lib/postgresql/<version>/bin). `pg_ctl` refuses to run as root, so under root the cluster belongs to the
 `postgres` user that the package creates. Without the binaries or the driver, `postgres_or_skip` skips with
 the command that installs them. Both servers can be stopped and started again on the same port and data, so
-tests can take them away mid-run.
+tests can take them away mid-run. Starting and stopping wait for the server to answer (or to stop answering)
+for minutes, so a busy machine makes a test slower, not red.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import WAIT_S, wait_until
 
 INSTALL_POSTGRES = (
     "install the PostgreSQL server (Debian/Ubuntu: `sudo apt-get install postgresql`; it provides initdb and "
@@ -63,7 +66,7 @@ class PostgresServer:
             [bin_dir / "initdb", "-D", self.data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"]
         )
 
-    def _as_owner(self, command: list, timeout: float = 120) -> None:
+    def _as_owner(self, command: list, timeout: float = WAIT_S) -> None:
         result = subprocess.run(
             [str(part) for part in command],
             user=self.os_user,
@@ -78,11 +81,20 @@ class PostgresServer:
     def start(self) -> None:
         options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"
         log = self.folder / "postgres.log"
-        self._as_owner([self.bin_dir / "pg_ctl", "-D", self.data, "-l", log, "-o", options, "-w", "start"])
+        self._as_owner([self._pg_ctl, "-D", self.data, "-l", log, "-o", options, *self._patient, "start"])
 
     def stop(self) -> None:
         """A fast shutdown: open connections are cut, as when a database server goes away."""
-        self._as_owner([self.bin_dir / "pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop"])
+        self._as_owner([self._pg_ctl, "-D", self.data, "-m", "fast", *self._patient, "stop"])
+
+    @property
+    def _pg_ctl(self) -> Path:
+        return self.bin_dir / "pg_ctl"
+
+    @property
+    def _patient(self) -> list[str]:
+        """pg_ctl waits until the server is up (or down), for WAIT_S rather than its own 60 s."""
+        return ["-w", "-t", str(int(WAIT_S))]
 
     def url(self, database: str) -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
@@ -135,7 +147,7 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 240) -> None:
+    def start(self, timeout: float = WAIT_S) -> None:
         mlflow = Path(sys.executable).with_name("mlflow")
         command = [
             str(mlflow if mlflow.exists() else shutil.which("mlflow")),
@@ -186,9 +198,8 @@ class MlflowServer:
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
         self.process = None
-        deadline = time.monotonic() + 30
-        while self.answers() and time.monotonic() < deadline:  # a request worker may linger a moment
-            time.sleep(0.25)
+        # a request worker may linger a moment; a server still answering would spoil an outage test
+        wait_until(lambda: not self.answers(), "the stopped mlflow server to stop answering", poll=0.25)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

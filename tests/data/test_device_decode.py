@@ -30,6 +30,7 @@ from bench.data.seeding import SeededBatches, SeededSamples
 from bench.data.transforms import IMAGENET_MEAN, IMAGENET_STD, make_transforms
 from bench.train import build_trainer, train_and_evaluate
 from bench.train.trainer import seed_everything
+from tests.helpers import WAIT_S
 
 CPU = torch.device("cpu")
 SIZE = 32  # data.image_size of these tests
@@ -130,7 +131,7 @@ def test_an_epoch_replays_bit_identically_with_or_without_workers(images):
             **loader_source(images, seeded=True),
             batch_sampler=SeededBatches(sampler),
             num_workers=workers,
-            timeout=60 if workers else 0,  # a batch lost between processes fails instead of hanging
+            timeout=WAIT_S if workers else 0,  # a batch lost between processes fails instead of hanging
         )
         seed_everything(3 * 100_003 + 1)
         return [batch.to(CPU) for batch, _ in loader]

@@ -21,6 +21,7 @@ import tests.losses.test_loss_learning as learning_tests
 import tests.losses.test_loss_registry as registry_tests
 from bench.cli import build_parser, main
 from bench.cli.commands import load_loss_modules
+from tests.helpers import WAIT_S
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_FIRST_LINE = "# my_losses/margin_hinge.py"
@@ -203,7 +204,7 @@ def test_a_clash_with_a_package_loss_is_caught_in_a_fresh_process(outside):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=WAIT_S,
     )
     assert done.returncode == 2
     assert done.stderr == (

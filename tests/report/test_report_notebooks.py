@@ -11,6 +11,8 @@ import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
+from tests.helpers import WAIT_S
+
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ("compare_losses.ipynb", "gradient_analysis.ipynb")
 
@@ -30,7 +32,11 @@ def executed(store) -> dict[str, nbformat.NotebookNode]:
     notebooks = {name: nbformat.read(REPO / "notebooks" / name, as_version=4) for name in NOTEBOOKS}
     clients = [
         NotebookClient(
-            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO / "notebooks")}}
+            nb,
+            timeout=WAIT_S,  # per cell, and for each kernel to start (nbclient's own default is 60 s)
+            startup_timeout=WAIT_S,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(REPO / "notebooks")}},
         )
         for nb in notebooks.values()
     ]

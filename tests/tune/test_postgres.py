@@ -3,7 +3,8 @@ share one budget exactly, a worker SIGKILLed mid-trial or right after creating i
 trial, and a worker that loses the database waits for it, then gives up with a clear message.
 
 The worker processes run this file as a script (`python -m tests.tune.test_postgres MODE ...`, at the bottom):
-tiny synthetic data, and heartbeats of 1 s with a grace period of 3 s so that a dead worker shows in seconds.
+tiny synthetic data and heartbeats of 1 s. Tests wait for events (a trial state, a stalled trial's marker, a
+process exit) with bounds of minutes, never for a fixed time, so a busy machine only makes them slower.
 """
 
 from __future__ import annotations
@@ -23,11 +24,18 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.helpers import tiny_bundle, tiny_experiment
+from tests.helpers import WAIT_S, reaped, tiny_bundle, tiny_experiment, wait_until
 from tests.servers import postgres_or_skip
+from tests.tune.stall import stall_trials_from, stalled
 
 REPO = Path(__file__).resolve().parents[2]
-HEARTBEAT, GRACE = 1, 3
+HEARTBEAT = 1
+# One live worker at a time: no one sees another's live trial, so a short grace shows a dead one in seconds.
+GRACE = 3
+# Live workers side by side: one whose heartbeat is late on a busy machine must not lose its trial to another.
+SHARED_GRACE = 60
+RETRY_S = 60  # the `lose` worker's patience: longer than any restart of the server takes on a busy machine
+STALL_ENV = "SMOOTHAP_TEST_STALL"  # `<trial number>:<marker file>`, read by the spawned workers (bottom)
 LOSS = "contrastive"
 
 
@@ -63,32 +71,33 @@ def _trials(url: str, workdir: Path) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=name, storage=_storage(url)).get_trials(deepcopy=False)
 
 
+def _trials_once_made(url: str, workdir: Path) -> list[optuna.trial.FrozenTrial]:
+    """The study's trials; none while the worker has not made the study yet."""
+    try:
+        return _trials(url, workdir)
+    except (KeyError, optuna.exceptions.StorageInternalError):
+        return []
+
+
 def _by_state(trials, state: TrialState) -> list:
     return [t for t in trials if t.state == state and not t.user_attrs.get("surplus")]
 
 
-def _driver(mode: str, url: str, workdir: Path, *numbers: int) -> subprocess.Popen:
+def _driver(mode: str, url: str, workdir: Path, *numbers: int):
+    """`python -m tests.tune.test_postgres MODE ...` in its own session: killed with its workers at the
+    end."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     command = [sys.executable, "-m", "tests.tune.test_postgres", mode, url, str(workdir), *map(str, numbers)]
-    return subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
-
-
-def _wait_for(condition, process: subprocess.Popen, limit: float = 240.0):
-    """Poll `condition()` until it returns something truthy; fail if the process ends first."""
-    deadline = time.monotonic() + limit
-    while True:
-        try:
-            found = condition()
-        except (KeyError, optuna.exceptions.StorageInternalError):  # no study yet
-            found = None
-        if found:
-            return found
-        if process.poll() is not None:
-            raise AssertionError(f"the workers exited early:\n{process.stdout.read()}")
-        assert time.monotonic() < deadline, "the workers made no progress"
-        time.sleep(0.2)
+    return reaped(process)
 
 
 def _spawned_children(pid: int) -> set[int]:
@@ -117,24 +126,21 @@ def test_worker_slots_pin_one_gpu_each_or_split_the_cores():
 
 
 def test_three_workers_finish_the_budget_exactly_though_one_is_killed_mid_trial(database, tmp_path):
-    budget = 12
-    driver = _driver("workers", database, tmp_path, budget, 3, 3)
-
-    def running_after_a_complete():
+    budget, stall_at = 12, 3  # trial 3 starts once a worker has finished its first: one is COMPLETE by then
+    with _driver("workers", database, tmp_path, budget, 3, 3, stall_at) as driver:
+        victim_pid, stalled_trial = wait_until(
+            lambda: stalled(tmp_path / "stalled"), "a worker to stall mid-trial", process=driver
+        )
+        workers = _spawned_children(driver.pid)
+        assert len(workers) == 3 and victim_pid in workers
+        os.kill(victim_pid, signal.SIGKILL)
+        killed_at = datetime.datetime.now()
         trials = _trials(database, tmp_path)
-        running = [t for t in _by_state(trials, TrialState.RUNNING) if "worker" in t.user_attrs]
-        return running[0] if running and _by_state(trials, TrialState.COMPLETE) else None
-
-    victim = _wait_for(running_after_a_complete, driver)
-    workers = _spawned_children(driver.pid)
-    victim_pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
-    assert len(workers) == 3 and victim_pid in workers
-    os.kill(victim_pid, signal.SIGKILL)
-    killed_at = datetime.datetime.now()
-    before = {
-        t.number: (t.params, t.value) for t in _by_state(_trials(database, tmp_path), TrialState.COMPLETE)
-    }
-    output, _ = driver.communicate(timeout=400)
+        (victim,) = [t for t in trials if t.number == stalled_trial]
+        assert victim.state == TrialState.RUNNING and victim.intermediate_values  # killed mid-training
+        before = {t.number: (t.params, t.value) for t in _by_state(trials, TrialState.COMPLETE)}
+        assert before
+        output, _ = driver.communicate(timeout=2 * WAIT_S)
     assert driver.returncode == 0, output
     assert f"pid {victim_pid}, CPU, 1 thread) was killed by signal 9" in output
 
@@ -144,10 +150,10 @@ def test_three_workers_finish_the_budget_exactly_though_one_is_killed_mid_trial(
     assert {t.number: (t.params, t.value) for t in complete if t.number in before} == before
     host = socket.gethostname()
     victim_tag = f"{host}:{victim_pid}"
-    (failed,) = _by_state(trials, TrialState.FAIL)  # the trial the victim ran when it died (maybe a next one)
-    assert failed.user_attrs.get("worker", victim_tag) == victim_tag and failed.number >= victim.number
+    (failed,) = _by_state(trials, TrialState.FAIL)
+    assert failed.number == stalled_trial and failed.user_attrs["worker"] == victim_tag
     # failed by the heartbeat check: no sooner than a grace period after its worker died
-    assert failed.datetime_complete >= killed_at + datetime.timedelta(seconds=GRACE - 1)
+    assert failed.datetime_complete >= killed_at + datetime.timedelta(seconds=SHARED_GRACE - 1)
     assert {t.user_attrs["worker"] for t in complete} <= {f"{host}:{pid}" for pid in workers}
     assert {t.user_attrs["worker_gpu"] for t in complete} == {"none"}
     replacements = [t for t in complete if t.number > failed.number]
@@ -184,7 +190,7 @@ def test_a_worker_killed_right_after_creating_its_trial_leaves_no_running_trial(
         heartbeat_interval=HEARTBEAT,
         grace_period=GRACE,
         poll_s=0.2,
-        timeout=60,  # without the fix the orphan holds a slot forever: this ends the wait
+        timeout=WAIT_S,  # without the fix the orphan holds a slot forever: this ends the wait
     )
     tune_losses(job, bundle=tiny_bundle(), log=None)
     trials = _trials(database, tmp_path)
@@ -198,36 +204,40 @@ def test_a_worker_waits_out_a_database_restart_and_gives_up_on_a_lost_one(postgr
     from bench.tune import LossStudy, open_storage
     from bench.tune.workers import EXIT_STORAGE_LOST
 
-    driver = _driver("lose", database, tmp_path, 3, 40)
-
     def running(number: int):
-        return [t for t in _by_state(_trials(database, tmp_path), TrialState.RUNNING) if t.number == number]
+        trials = _by_state(_trials_once_made(database, tmp_path), TrialState.RUNNING)
+        return [t for t in trials if t.number == number]
 
-    _wait_for(lambda: running(0), driver)
-    postgres.stop()  # a restart in the middle of trial 0: its calls wait, then carry on
-    time.sleep(2)
-    postgres.start()
-    _wait_for(lambda: running(1), driver)
-    postgres.stop()  # gone for good (longer than the worker's 6 s retry period)
-    try:
-        output, _ = driver.communicate(timeout=120)
-    finally:
+    with _driver("lose", database, tmp_path, 3, 40) as driver:
+        wait_until(lambda: running(0), "trial 0 to start", process=driver)
+        postgres.stop()  # a restart in the middle of trial 0: its calls wait, then carry on
+        time.sleep(2)  # the outage (the heartbeats, every second, run into it): not a wait for anything
         postgres.start()
+        wait_until(lambda: running(1), "trial 1 to start", process=driver)
+        postgres.stop()  # gone for good (longer than the worker's retry period)
+        try:
+            output, _ = driver.communicate(timeout=WAIT_S)
+        finally:
+            postgres.start()
     assert driver.returncode == EXIT_STORAGE_LOST, output
     assert "lost the Optuna storage postgresql+psycopg://postgres@127.0.0.1" in output
-    assert "no answer for 6 s" in output and "Traceback" not in output
+    assert f"no answer for {RETRY_S} s" in output and "Traceback" not in output
 
     trials = {t.number: t for t in _trials(database, tmp_path)}
     assert trials[0].state == TrialState.COMPLETE and trials[1].state == TrialState.RUNNING
     study = LossStudy(_experiment(tmp_path, 3, 40), open_storage(database, HEARTBEAT, GRACE))
-    time.sleep(GRACE + 1)
-    study.status()  # the next worker's look at the study fails the dead worker's trial by heartbeat
-    assert _trials(database, tmp_path)[1].state == TrialState.FAIL
+
+    def failed_by_heartbeat() -> bool:
+        study.status()  # the next worker's look at the study fails the dead worker's trial once it is stale
+        return _trials(database, tmp_path)[1].state == TrialState.FAIL
+
+    wait_until(failed_by_heartbeat, "the dead worker's trial to fail by heartbeat", poll=1.0)
 
 
 def _main(argv: list[str]) -> None:
-    """`workers URL WORKDIR TRIALS EPOCHS N`: N worker processes (`tune_in_workers`).
-    `lose URL WORKDIR TRIALS EPOCHS`: one worker in this process, giving up on the database after 6 s."""
+    """`workers URL WORKDIR TRIALS EPOCHS N STALL_AT`: N worker processes (`tune_in_workers`), the first to
+    reach trial STALL_AT or a later one hanging in it (tests/tune/stall.py, through STALL_ENV).
+    `lose URL WORKDIR TRIALS EPOCHS`: one worker in this process, giving up on the database after RETRY_S."""
     import torch
 
     from bench.tune import TuneJob
@@ -237,16 +247,22 @@ def _main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     mode, url, workdir, trials, epochs, *rest = argv
     exp = _experiment(Path(workdir), int(trials), int(epochs))
-    settings = {"heartbeat_interval": HEARTBEAT, "grace_period": GRACE, "poll_s": 0.5}
     if mode == "workers":
-        # timeout in seconds: a slow machine ends with fewer trials, and the test says so
-        job = TuneJob(exp, [LOSS], url, "cpu", timeout=300, workers=int(rest[0]), **settings)
+        os.environ[STALL_ENV] = f"{rest[1]}:{Path(workdir) / 'stalled'}"  # the workers inherit it
+        settings = {"heartbeat_interval": HEARTBEAT, "grace_period": SHARED_GRACE, "poll_s": 0.5}
+        job = TuneJob(exp, [LOSS], url, "cpu", workers=int(rest[0]), **settings)
         tune_in_workers(job, bundle=tiny_bundle())
     else:
-        study_module.STORAGE_RETRY_S = 6.0
-        job = WorkerJob(TuneJob(exp, [LOSS], url, "cpu", timeout=200, **settings), None, tiny_bundle())
+        study_module.STORAGE_RETRY_S = RETRY_S
+        settings = {"heartbeat_interval": HEARTBEAT, "grace_period": GRACE, "poll_s": 0.5}
+        job = WorkerJob(TuneJob(exp, [LOSS], url, "cpu", **settings), None, tiny_bundle())
         run_worker(job, WorkerSlot(0, None, 1))
 
 
 if __name__ == "__main__":
     _main(sys.argv[1:])
+elif __name__ == "__mp_main__" and STALL_ENV in os.environ:
+    # a worker that `workers` mode spawned: multiprocessing runs the parent's main module (this file) in each
+    # spawned process under this name, before the worker starts
+    number, marker = os.environ[STALL_ENV].split(":", 1)
+    stall_trials_from(int(number), Path(marker))

@@ -1,5 +1,6 @@
 """Robustness to killed and parallel workers: separate processes on one SQLite study
-(tests/tune/worker.py)."""
+(tests/tune/worker.py). Each test waits for events (a trial state in the store, the marker of a stalled
+trial, a process exit), never for a fixed time, so a busy machine only makes it slower."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
-from tests.tune.worker import tune_worker
+from tests.helpers import WAIT_S, reaped, wait_until
+from tests.tune.stall import stalled
+from tests.tune.worker import ALONE_GRACE_S, SHARED_GRACE_S, stall_marker, tune_worker
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,51 +26,38 @@ def _counts(storage: str, name: str) -> dict[TrialState, list]:
     return {state: [t for t in trials if t.state == state] for state in TrialState}
 
 
-def _worker(storage: str, workdir: Path, trials: int, epochs: int) -> subprocess.Popen:
+def _worker(storage: str, workdir: Path, trials: int, epochs: int, grace: int, *stall_at: int):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "tests.tune.worker",
-        storage,
-        str(workdir),
-        str(trials),
-        str(epochs),
-    ]
-    return subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    arguments = [storage, workdir, trials, epochs, grace, *stall_at]
+    command = [sys.executable, "-m", "tests.tune.worker", *map(str, arguments)]
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
-
-
-def _wait_for(condition, process: subprocess.Popen, limit: float = 120.0) -> None:
-    deadline = time.monotonic() + limit
-    while not condition():
-        if process.poll() is not None:
-            raise AssertionError(f"worker exited early:\n{process.stdout.read()}")
-        assert time.monotonic() < deadline, "worker made no progress"
-        time.sleep(0.1)
+    return reaped(process)
 
 
 def test_a_worker_killed_mid_trial_loses_nothing_and_the_rerun_completes_the_budget(tmp_path):
     storage, name = f"sqlite:///{tmp_path / 'optuna.db'}", "omniglot-contrastive"
-    worker = _worker(storage, tmp_path, 3, 4)
-
-    def one_done_one_running() -> bool:
-        try:
-            counts = _counts(storage, name)
-        except Exception:  # the worker has not created the database or the study yet
-            return False
-        return len(counts[TrialState.COMPLETE]) >= 1 and len(counts[TrialState.RUNNING]) == 1
-
-    _wait_for(one_done_one_running, worker)
-    os.kill(worker.pid, signal.SIGKILL)
-    worker.wait()
+    with _worker(storage, tmp_path, 3, 4, ALONE_GRACE_S, 1) as worker:  # trial 1 hangs after an epoch
+        pid, killed = wait_until(
+            lambda: stalled(stall_marker(tmp_path)), "trial 1 to stall mid-trial", process=worker
+        )
+        assert (pid, killed) == (worker.pid, 1)
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait()
     before = _counts(storage, name)
-    assert len(before[TrialState.RUNNING]) == 1, "the kill landed between two trials"
-    killed = before[TrialState.RUNNING][0].number
+    assert [t.number for t in before[TrialState.RUNNING]] == [killed]
+    assert before[TrialState.RUNNING][0].intermediate_values  # it died mid-training, not before
     completed = {t.number: (t.params, t.value) for t in before[TrialState.COMPLETE]}
+    assert list(completed) == [0]
 
-    tune_worker(storage, tmp_path, 3, 4)  # the same command again (in this process: no second start-up)
+    tune_worker(storage, tmp_path, 3, 4, ALONE_GRACE_S)  # the same command again (in this process)
     after = _counts(storage, name)
     assert {
         t.number: (t.params, t.value) for t in after[TrialState.COMPLETE] if t.number in completed
@@ -79,7 +68,6 @@ def test_a_worker_killed_mid_trial_loses_nothing_and_the_rerun_completes_the_bud
 
 def test_two_workers_share_one_study_and_finish_the_budget_together(tmp_path):
     storage, name, budget = f"sqlite:///{tmp_path / 'optuna.db'}", "omniglot-contrastive", 4
-    other = _worker(storage, tmp_path, budget, 2)
 
     def other_has_started_a_trial() -> bool:
         try:
@@ -87,9 +75,10 @@ def test_two_workers_share_one_study_and_finish_the_budget_together(tmp_path):
         except Exception:  # the worker has not created the database or the study yet
             return False
 
-    _wait_for(other_has_started_a_trial, other)
-    tune_worker(storage, tmp_path, budget, 2)  # this test's process joins as the second worker
-    output, _ = other.communicate(timeout=180)
+    with _worker(storage, tmp_path, budget, 2, SHARED_GRACE_S) as other:
+        wait_until(other_has_started_a_trial, "the other worker's first trial", process=other)
+        tune_worker(storage, tmp_path, budget, 2, SHARED_GRACE_S)  # this test's process is the second
+        output, _ = other.communicate(timeout=WAIT_S)
     assert other.returncode == 0, output
     counts = _counts(storage, name)
     complete = counts[TrialState.COMPLETE]
