@@ -11,17 +11,14 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
-import pytest
 
-from tests.helpers import write_folder_dataset
+from tests.helpers import WAIT_S, wait_until, write_folder_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 LOSSES = ("smooth_ap", "triplet")
-BOUND_S = 900  # bounds for events on a busy machine, not timings
 
 
 RUNNING_TRIAL_RUNS = (
@@ -45,18 +42,14 @@ def trial_states(db: Path) -> list[str]:
 
 def kill_mid_trial(process: subprocess.Popen, db: Path, mlflow_db: Path) -> None:
     """SIGKILL once a trial has completed and the next one's MLflow run is training."""
-    deadline = time.monotonic() + BOUND_S
-    while True:
-        if trial_states(db).count("COMPLETE") >= 1 and query(mlflow_db, RUNNING_TRIAL_RUNS):
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            return
-        if process.poll() is not None:
-            pytest.fail(f"the main job ended (code {process.returncode}) before a trial could be interrupted")
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"no trial completed within {BOUND_S} s")
-        time.sleep(0.05)
+    wait_until(
+        lambda: trial_states(db).count("COMPLETE") >= 1 and query(mlflow_db, RUNNING_TRIAL_RUNS),
+        "a trial completed and the next one training",
+        process=process,
+        poll=0.05,
+    )
+    process.send_signal(signal.SIGKILL)
+    process.wait()
 
 
 def completed(storage: str) -> dict[tuple[str, int], float]:
@@ -97,7 +90,7 @@ def test_a_main_job_killed_mid_trial_reruns_to_a_written_report(tmp_path):
     before = completed(storage)
     assert before and "RUNNING" in trial_states(db)
 
-    rerun = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=BOUND_S)
+    rerun = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=WAIT_S)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "Traceback" not in rerun.stderr
     for name in ("comparison_folder.md", "comparison_folder.csv", "cost_folder.md"):

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,22 +14,9 @@ import torch
 
 from bench.cli import ON_INTERRUPT, main
 from bench.train.checkpoint import REQUIRED_KEYS
-from tests.helpers import write_folder_dataset
+from tests.helpers import WAIT_S, reaped, wait_until, write_folder_dataset
 
 REPO = Path(__file__).resolve().parents[2]
-WAIT_S = 600  # a bound for the event, not a timing: the checkpoint appears after the first epoch
-
-
-def wait_for(path: Path, process: subprocess.Popen, bound_s: float = WAIT_S) -> None:
-    """Until `path` exists; fails if the process ends first or the bound passes."""
-    deadline = time.monotonic() + bound_s
-    while not path.exists():
-        if process.poll() is not None:
-            pytest.fail(f"train ended (code {process.returncode}) before writing {path}")
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"no {path} within {bound_s} s")
-        time.sleep(0.2)
 
 
 def test_ctrl_c_in_a_running_train_exits_130_in_one_line(tmp_path):
@@ -57,7 +43,7 @@ def test_ctrl_c_in_a_running_train_exits_130_in_one_line(tmp_path):
         text=True,
     )
     checkpoint = checkpoints / "omniglot" / "smooth_ap-seed0" / "last.pt"
-    wait_for(checkpoint, process)
+    wait_until(checkpoint.exists, f"train to write {checkpoint}", process=process)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=WAIT_S)
     assert process.returncode == 130, err
@@ -115,23 +101,17 @@ def test_ctrl_c_to_a_tune_with_workers_is_one_line_from_the_parent(tmp_path):
     command += ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     for setting in settings:
         command += ["--set", setting]
-    process = subprocess.Popen(
-        command,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    trials_seen = 0
-    for line in process.stdout:  # each worker's trial lines: both are training
-        trials_seen += line.startswith("[worker") and "trial" in line
-        if trials_seen >= 2:
-            break
-    else:
-        pytest.fail(f"tune ended (code {process.wait()}) before its workers logged two trials")
-    os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C: every process in the group
-    _, err = process.communicate(timeout=WAIT_S)
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    with reaped(subprocess.Popen(command, cwd=tmp_path, start_new_session=True, **pipes)) as process:
+        trials_seen = 0
+        for line in process.stdout:  # each worker's trial lines: both are training
+            trials_seen += line.startswith("[worker") and "trial" in line
+            if trials_seen >= 2:
+                break
+        else:
+            pytest.fail(f"tune ended (code {process.wait()}) before its workers logged two trials")
+        os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C: every process in the group
+        _, err = process.communicate(timeout=WAIT_S)
     assert process.returncode == 130, err
     assert "Traceback" not in err
     assert err.rstrip("\n").splitlines()[-1] == f"interrupted: {ON_INTERRUPT['tune']}"
