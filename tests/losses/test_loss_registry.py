@@ -9,7 +9,9 @@ import torch
 
 import losses
 from bench.cli.commands import _loss_list
+from bench.config import load_experiment
 from bench.report.tables import display_name
+from bench.tune import TuneJob
 from losses import available_losses, get_loss, get_spec, resolve_loss_names
 
 DESIGN_NAMES = {"smooth_ap", "triplet", "contrastive", "multi_similarity", "fastap", "blackbox_ap"}
@@ -199,12 +201,12 @@ def test_without_names_the_main_job_keeps_every_loss_but_the_later_ones(scratch_
 
 
 def test_the_cli_loss_list_expands_the_set_and_checks_every_name():
-    """`run` and `tune` read `--losses` through this one function."""
+    """`run` and `tune` read `--losses` through this one function; the job they build checks the names."""
     assert _loss_list("extended") == resolve_loss_names(["extended"])
     assert _loss_list(" smooth_ap , pnp") == ["smooth_ap", "pnp"]
     assert _loss_list(None) == resolve_loss_names(None)
     with pytest.raises(ValueError, match="unknown loss 'extnded'"):
-        _loss_list("extnded")
+        TuneJob(load_experiment("omniglot"), _loss_list("extnded"))
 
 
 @pytest.mark.parametrize("name", resolve_loss_names(["extended"]))
