@@ -14,9 +14,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
@@ -29,7 +30,8 @@ from bench.config import Experiment, load_experiment
 from bench.data import DatasetBundle, EvalSplit
 from bench.data.omniglot import FILES, TensorImages, read_npz
 
-OMNIGLOT = Path(__file__).resolve().parent.parent / "datasets" / "omniglot"
+REPO = Path(__file__).resolve().parent.parent
+OMNIGLOT = REPO / "datasets" / "omniglot"
 WAIT_S = 600.0  # how long a test waits for an event before it fails: long enough for any busy machine
 T = TypeVar("T")
 
@@ -68,6 +70,15 @@ def reaped(process: subprocess.Popen) -> Iterator[subprocess.Popen]:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def reaped_module(module: str, *arguments: object) -> AbstractContextManager[subprocess.Popen]:
+    """`python -m <module> <arguments>` from the repository root in its own session, one thread, no
+    progress bars, output in its stdout; reaped with everything it started when the block ends."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    command = [sys.executable, "-m", module, *map(str, arguments)]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    return reaped(subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, **pipes))
 
 
 @lru_cache(maxsize=4)

@@ -24,11 +24,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.helpers import WAIT_S, reaped, tiny_bundle, tiny_experiment, wait_until
+from tests.helpers import WAIT_S, reaped_module, tiny_bundle, tiny_experiment, wait_until
 from tests.servers import postgres_or_skip
 from tests.tune.stall import stall_trials_from, stalled
 
-REPO = Path(__file__).resolve().parents[2]
 HEARTBEAT = 1
 # One live worker at a time: no one sees another's live trial, so a short grace shows a dead one in seconds.
 GRACE = 3
@@ -86,18 +85,7 @@ def _by_state(trials, state: TrialState) -> list:
 def _driver(mode: str, url: str, workdir: Path, *numbers: int):
     """`python -m tests.tune.test_postgres MODE ...` in its own session: killed with its workers at the
     end."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    command = [sys.executable, "-m", "tests.tune.test_postgres", mode, url, str(workdir), *map(str, numbers)]
-    process = subprocess.Popen(
-        command,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    return reaped(process)
+    return reaped_module("tests.tune.test_postgres", mode, url, workdir, *numbers)
 
 
 def _spawned_children(pid: int) -> set[int]:

@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
-from tests.helpers import WAIT_S, reaped, wait_until
+from tests.helpers import WAIT_S, reaped_module, wait_until
 from tests.tune.stall import stalled
 from tests.tune.worker import ALONE_GRACE_S, SHARED_GRACE_S, stall_marker, tune_worker
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _counts(storage: str, name: str) -> dict[TrialState, list]:
@@ -27,19 +23,7 @@ def _counts(storage: str, name: str) -> dict[TrialState, list]:
 
 
 def _worker(storage: str, workdir: Path, trials: int, epochs: int, grace: int, *stall_at: int):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    arguments = [storage, workdir, trials, epochs, grace, *stall_at]
-    command = [sys.executable, "-m", "tests.tune.worker", *map(str, arguments)]
-    process = subprocess.Popen(
-        command,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    return reaped(process)
+    return reaped_module("tests.tune.worker", storage, workdir, trials, epochs, grace, *stall_at)
 
 
 def test_a_worker_killed_mid_trial_loses_nothing_and_the_rerun_completes_the_budget(tmp_path):
