@@ -8,6 +8,8 @@ each checks, once its trial has a number, that fewer than `budget` live trials p
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -158,6 +160,36 @@ def progress_line(line: TrialLine, done: int, budget: int, left_s: float | None)
     )
 
 
+class InterruptedTrialFilter(logging.Filter):
+    """Optuna logs a trial that Ctrl-C stopped as failed: the interrupt's traceback, then "Trial N failed with
+    value None". The trial is FAIL in the study as it should be; the command prints its own one line, so
+    both records are dropped. Every other failure is still logged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        trial = re.match(r"Trial (\d+) failed with", message)
+        if trial is None:
+            return True
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            self.interrupted.add(trial.group(1))
+            return False
+        return not (
+            message.startswith(f"Trial {trial.group(1)} failed with value")
+            and trial.group(1) in self.interrupted
+        )
+
+
+def quiet_interrupted_trials() -> None:
+    """Install `InterruptedTrialFilter` once on the logger of Optuna's optimize loop."""
+    logger = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, InterruptedTrialFilter) for f in logger.filters):
+        logger.addFilter(InterruptedTrialFilter())
+
+
 def tune_losses(
     job: TuneJob,
     *,
@@ -172,6 +204,7 @@ def tune_losses(
     this returns without a timeout every study is complete.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_interrupted_trials()
     bundle = bundle or load_dataset(job.exp.data)
     rdb = open_storage(job.storage, job.heartbeat_interval, job.grace_period)
     tuners = [
