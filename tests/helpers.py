@@ -205,14 +205,23 @@ class InterruptAt(torch.nn.Module):
         return self.inner(embeddings, labels)
 
 
-def write_folder_dataset(root: Path, classes: dict[str, int], per_class: int = 6, size: int = 16) -> None:
-    """root/<split>/<class>/<i>.png: each class a fixed random grey pattern plus per-image noise."""
+def write_folder_dataset(
+    root: Path,
+    classes: dict[str, int],
+    per_class: int = 6,
+    size: int = 16,
+    threshold: float = 0.6,
+    ink: float = 200,
+    noise: float = 25,
+) -> None:
+    """root/<split>/<class>/<i>.png: each class a fixed random grey pattern (pixels above `threshold` of a
+    uniform draw carry `ink`) plus per-image Gaussian noise of `noise` grey levels."""
     rng = np.random.default_rng(0)
     for split, count in classes.items():
         for c in range(count):
-            pattern = rng.random((size, size)) > 0.6
+            pattern = rng.random((size, size)) > threshold
             for i in range(per_class):
-                pixels = np.clip(pattern * 200 + rng.normal(0, 25, (size, size)), 0, 255).astype(np.uint8)
+                pixels = np.clip(pattern * ink + rng.normal(0, noise, (size, size)), 0, 255).astype(np.uint8)
                 path = root / split / f"class{c:02d}" / f"{i}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(pixels, mode="L").save(path)

@@ -29,7 +29,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import losses
 from bench.config import ModelConfig
@@ -39,6 +38,7 @@ from bench.models import build_model
 from bench.train.distributed import Distributed
 from bench.train.memory import CrossBatchMemory
 from bench.train.steps import compute_loss
+from tests.helpers import write_folder_dataset
 from tests.train.test_distributed import launch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -155,19 +155,6 @@ def test_in_float32_the_reported_layout_differs_by_less_than_float32_rounding(ra
         assert 0 < (split - square).abs().max() < float32_error, step
 
 
-def write_folder_dataset(root: Path) -> None:
-    """16 train and 8 test classes of 8 grey 32 px PNGs, each class a noisy copy of its own random pattern."""
-    rng = np.random.default_rng(0)
-    for split, classes in (("train", 16), ("test", 8)):
-        for c in range(classes):
-            pattern = (rng.random((32, 32)) > 0.5).astype(float)
-            folder = root / split / f"c{c:02d}"
-            folder.mkdir(parents=True)
-            for i in range(8):
-                image = np.clip(pattern + 0.1 * rng.standard_normal((32, 32)), 0, 1)
-                Image.fromarray((image * 255).astype(np.uint8), "L").save(folder / f"{i}.png")
-
-
 def train_command(tmp_path: Path, name: str, launcher: list[str]) -> Path:
     """Run `bench train` on the reported layout; its checkpoint."""
     settings = {
@@ -196,7 +183,10 @@ def train_command(tmp_path: Path, name: str, launcher: list[str]) -> Path:
 
 
 def test_torchrun_on_the_reported_layout_trains_the_single_process_weights(tmp_path):
-    write_folder_dataset(tmp_path / "data")
+    # the issue's layout: 16 train and 8 test classes of 8 grey 32 px images, each a noisy copy of its pattern
+    write_folder_dataset(
+        tmp_path / "data", {"train": 16, "test": 8}, 8, 32, threshold=0.5, ink=255, noise=25.5
+    )
     one = torch.load(train_command(tmp_path, "one", [sys.executable]), weights_only=True)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     two = torch.load(train_command(tmp_path, "two", torchrun), weights_only=True)
