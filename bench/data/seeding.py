@@ -46,5 +46,5 @@ class SeededSamples(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> Any:
         index, seed = item
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also queues CUDA's
             return self.dataset[index]
