@@ -33,7 +33,7 @@ SHOWN_METRICS = (TRAIN_LOSS, VAL_MAP_AT_R, VAL_RECALL_AT_1)
 
 def _evaluate(trainer: Trainer, split) -> dict[str, float]:
     dev = trainer.device
-    channels_last = dev.type == "cuda" and trainer.exp.train.channels_last
+    channels_last = trainer.exp.train.channels_last
     return evaluate_split(
         trainer.model,
         split,

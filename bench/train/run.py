@@ -205,7 +205,7 @@ def build_trainer(
     sample_image, _ = bundle.train[0]
     in_channels = int(sample_image.shape[0])
     model = build_model(exp.model, in_channels, exp.train.seed).to(dev)
-    if dev.type == "cuda" and exp.train.channels_last:
+    if exp.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     network = None
     if dist is not None:

@@ -169,11 +169,11 @@ def to_device(
 
 
 def channels_last(trainer: Trainer) -> bool:
-    return trainer.device.type == "cuda" and trainer.exp.train.channels_last
+    return trainer.exp.train.channels_last
 
 
 def in_layout(trainer: Trainer, images: Tensor) -> Tensor:
-    """`images` in the model's memory layout: channels_last on CUDA with `train.channels_last`."""
+    """`images` in the model's memory layout: channels_last with `train.channels_last`."""
     return images.contiguous(memory_format=torch.channels_last) if channels_last(trainer) else images
 
 
