@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from bench.cli import commands as handlers
 from bench.device import DEVICE_CHOICES
@@ -119,6 +120,35 @@ def add_data_bench(bench_commands) -> None:
     data_bench.add_argument("--batches", type=int, default=20, help="batches to time (default: 20)")
     add_output(data_bench, "stop the whole command after this many seconds (default: no limit)")
     data_bench.set_defaults(handler=handlers.cmd_bench_data)
+
+
+def add_epoch_bench(bench_commands) -> None:
+    """`bench epochs`: a real run's training images/s, for checkouts side by side."""
+    epochs = bench_commands.add_parser(
+        "epochs",
+        help="training images/s of the real `bench train`, for several checkouts side by side",
+        description="Runs `python -m bench train` in each --tree (e.g. an older commit checked out with "
+        "`git worktree add /tmp/old df6fcb6`), alternating trees, and reads the images/s each epoch logged "
+        "and the test metrics back from the runs: the speed-up, whether the numbers held, and the limit set "
+        "by the model's FLOPs and this CPU's matmul rate.",
+    )
+    epochs.add_argument(
+        "--tree",
+        action="append",
+        type=Path,
+        help="a checkout to run (repeatable; the first is the reference of the ratios; default: this one)",
+    )
+    epochs.add_argument("--config", default="omniglot", help="bundled config name or YAML path")
+    epochs.add_argument("--epochs", type=int, default=2, help="epochs per run (default: 2)")
+    epochs.add_argument(
+        "--repeats", type=int, default=2, help="runs per tree, run r with seed r (default: 2)"
+    )
+    epochs.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override"
+    )
+    epochs.add_argument("--out", type=Path, metavar="FILE", help="also write the report as markdown to FILE")
+    add_output(epochs, "stop the whole command after this many seconds (default: no limit)")
+    epochs.set_defaults(handler=handlers.cmd_bench_epochs)
 
 
 def add_train_bench(bench_commands) -> None:

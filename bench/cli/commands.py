@@ -319,6 +319,34 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_epochs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from bench.benchmarks.epoch_bench import EpochCase, format_report, physical_limit, run_epoch_bench
+    from bench.benchmarks.output import time_limit, write_json
+    from bench.config import ConfigError
+
+    trees = args.tree or [Path(__file__).resolve().parents[2]]
+    missing = [str(tree) for tree in trees if not (tree / "bench" / "__main__.py").is_file()]
+    if missing:
+        raise ConfigError(
+            f"--tree: not a smoothap-bench checkout (no bench/__main__.py): {', '.join(missing)}"
+        )
+    case = EpochCase(args.config, args.epochs, tuple(args.overrides))
+    with time_limit(args.timeout):
+        results = run_epoch_bench(trees, case, args.repeats, progress=lambda line: print(line, flush=True))
+        limit = physical_limit(case, torch.get_num_threads())
+    report = format_report(results, case, limit)
+    print(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report + "\n")
+    write_json(args.json, {"results": [vars(r) | {"tree": str(r.tree)} for r in results], "limit": limit})
+    return 0
+
+
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from bench.benchmarks.output import write_json
     from bench.benchmarks.train_bench import format_table, run_train_bench

@@ -12,6 +12,7 @@ from bench import layout
 from bench.cli import commands as handlers
 from bench.cli.bench_parser import (
     add_data_bench,
+    add_epoch_bench,
     add_eval_bench,
     add_gpu_check,
     add_loss_bench,
@@ -338,4 +339,5 @@ def add_bench(commands) -> None:
     add_eval_bench(bench_commands)
     add_data_bench(bench_commands)
     add_train_bench(bench_commands)
+    add_epoch_bench(bench_commands)
     add_gpu_check(bench_commands)
