@@ -17,7 +17,16 @@ import torch
 import losses
 from bench.report.tables import display_name
 
-COLUMNS = ["loss", "images_per_s", "wall_s", "loss_ms", "batch_size", "tuned_params", "trials"]
+COLUMNS = [
+    "loss",
+    "images_per_s",
+    "wall_s",
+    "loss_ms",
+    "batch_size",
+    "tuned_params",
+    "trials",
+    "tuning_epochs",
+]
 
 
 def loss_time_ms(
@@ -68,6 +77,7 @@ def cost_table(final: pd.DataFrame, studies: dict[str, optuna.Study], measure: b
         known = measure and all(pd.notna(v) for v in shape)  # runs logged by hand may lack the config
         study = studies.get(loss)
         finished = [t for t in study.trials if t.state.is_finished()] if study is not None else []
+        budget = [t for t in finished if t.state.name in ("COMPLETE", "PRUNED")]
         rows.append(
             {
                 "loss": loss,
@@ -76,7 +86,9 @@ def cost_table(final: pd.DataFrame, studies: dict[str, optuna.Study], measure: b
                 "loss_ms": loss_time_ms(loss, first["loss_params"], *map(int, shape)) if known else np.nan,
                 "batch_size": shape[0],
                 "tuned_params": max((len(t.distributions) for t in finished), default=0),
-                "trials": sum(t.state.name in ("COMPLETE", "PRUNED") for t in finished),
+                "trials": len(budget),
+                # each trial reports once per epoch (per fold with tune.cv_folds > 1), pruned ones fewer times
+                "tuning_epochs": sum(len(t.intermediate_values) for t in budget),
             }
         )
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -88,19 +100,21 @@ def _mean(part: pd.DataFrame, column: str) -> float:
 
 def cost_markdown(table: pd.DataFrame) -> str:
     lines = [
-        "| Loss | Train images/s | Wall time per final run | Loss fwd+bwd | Tuned parameters | Trials |",
-        "|:---|---:|---:|---:|---:|---:|",
+        "| Loss | Train images/s | Wall time per final run | Loss fwd+bwd | Tuned parameters | Trials | "
+        "Epochs trained in tuning |",
+        "|:---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in table.itertuples():
         ms = "n/a" if np.isnan(row.loss_ms) else f"{row.loss_ms:.2f} ms at B={row.batch_size}"
         lines.append(
             f"| {display_name(row.loss)} | {row.images_per_s:.0f} | {row.wall_s:.0f} s | {ms} | "
-            f"{row.tuned_params} | {row.trials} |"
+            f"{row.tuned_params} | {row.trials} | {row.tuning_epochs} |"
         )
     lines.append("")
     lines.append(
         "Images/s and wall time: means over the final runs (as logged, on the machine that ran them); "
         "loss time: median of 5 forward+backward passes on one random batch of the runs' size, on the "
-        "CPU that made this report. Equal trials are not equal search: compare the tuned parameters."
+        "CPU that made this report. Equal trials are not equal search: compare the tuned parameters, and "
+        "the epochs the trials trained (a pruned trial stops early; with cross-validation, count folds)."
     )
     return "\n".join(lines) + "\n"

@@ -21,12 +21,12 @@ def hand_study() -> optuna.Study:
         "a": optuna.distributions.FloatDistribution(0, 1),
         "b": optuna.distributions.IntDistribution(1, 9),
     }
-    for value, state in (
-        (0.1, "COMPLETE"),
-        (None, "PRUNED"),
-        (0.3, "COMPLETE"),
-        (None, "FAIL"),
-        (0.2, "COMPLETE"),
+    for value, state, epochs in (
+        (0.1, "COMPLETE", 3),
+        (None, "PRUNED", 1),
+        (0.3, "COMPLETE", 3),
+        (None, "FAIL", 2),
+        (0.2, "COMPLETE", 2),
     ):
         study.add_trial(
             optuna.trial.create_trial(
@@ -34,6 +34,7 @@ def hand_study() -> optuna.Study:
                 distributions=dists,
                 value=value,
                 state=optuna.trial.TrialState[state],
+                intermediate_values={epoch: 0.1 for epoch in range(epochs)},
             )
         )
     return study
@@ -59,6 +60,7 @@ def test_cost_table_reads_the_runs_and_counts_the_search(store):
         )
         assert table.loc[row.loss, "loss_ms"] > 0 and table.loc[row.loss, "batch_size"] == row.batch_size
     assert (table.loc["smooth_ap", "tuned_params"], table.loc["smooth_ap", "trials"]) == (2, 4)
+    assert table.loc["smooth_ap", "tuning_epochs"] == 3 + 1 + 3 + 2  # the failed trial's 2 are not budget
     assert (table.loc["triplet", "tuned_params"], table.loc["triplet", "trials"]) == (0, 0)  # no study given
 
 
