@@ -159,6 +159,7 @@ def tiny_experiment(
             "tune.epochs=null",
             "tune.final_epochs=null",
             f"tune.storage=sqlite:///{workdir / 'optuna.db'}",
+            "tune.pruner=median",  # the counts of complete and pruned trials the tests expect
             "eval.batch_size=64",
             "optim.lr_decay_epochs=[]",
             *(extra or []),
