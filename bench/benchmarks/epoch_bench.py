@@ -148,6 +148,18 @@ def table(results: list[TreeResult]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def markdown(frame: pd.DataFrame) -> str:
+    """A plain markdown table (text columns left, numbers right), empty cells for missing values."""
+    numeric = [pd.api.types.is_numeric_dtype(frame[column]) for column in frame.columns]
+    lines = [
+        f"| {' | '.join(map(str, frame.columns))} |",
+        f"|{'|'.join('---:' if n else '---' for n in numeric)}|",
+    ]
+    for row in frame.itertuples(index=False):
+        lines.append(f"| {' | '.join('' if pd.isna(v) else str(v) for v in row)} |")
+    return "\n".join(lines)
+
+
 def physical_limit(case: EpochCase, threads: int) -> dict[str, float]:
     """Training FLOPs per image of `case`'s model (forward + backward, one batch) and this CPU's fp32 matmul
     rate: their ratio bounds images/s from above."""
@@ -187,7 +199,7 @@ def format_report(results: list[TreeResult], case: EpochCase, limit: dict[str, f
         f"`bench train --config {case.config} --epochs {case.epochs}` in each tree, alternating; "
         f"images/s per epoch as the run logged it (loading, augmentation and steps; not validation).",
         "",
-        table(results).to_markdown(index=False),
+        markdown(table(results)),
         "",
         f"Physical limit: {limit['mflop_per_image']:.1f} MFLOP per training image (forward + backward), "
         f"{limit['matmul_gflops']:.0f} GFLOP/s for a 2048 x 2048 fp32 matmul on this CPU: at most "

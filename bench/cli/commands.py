@@ -338,12 +338,12 @@ def cmd_bench_epochs(args: argparse.Namespace) -> int:
     with time_limit(args.timeout):
         results = run_epoch_bench(trees, case, args.repeats, progress=lambda line: print(line, flush=True))
         limit = physical_limit(case, torch.get_num_threads())
+    write_json(args.json, {"results": [vars(r) | {"tree": str(r.tree)} for r in results], "limit": limit})
     report = format_report(results, case, limit)
     print(report)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report + "\n")
-    write_json(args.json, {"results": [vars(r) | {"tree": str(r.tree)} for r in results], "limit": limit})
     return 0
 
 
