@@ -124,6 +124,11 @@ def similarity_gradients(
     import losses
     from losses.introspect import similarity_gradients as per_pair
 
+    spec = losses.get_spec(loss_name)
+    if not spec.capabilities.similarity_form:
+        raise TypeError(
+            f"{spec.cls.__name__} has no forward_similarities(sims, labels); add one to use introspection"
+        )
     frame = per_pair(losses.get_loss(loss_name, **loss_params), _embed(model, images), labels)
     frame.insert(0, "state", state)
     frame.insert(0, "loss", loss_name)

@@ -38,7 +38,7 @@ from bench.train.hooks import (
 )
 from bench.train.memory import CrossBatchMemory
 from bench.train.resume import CHANGES_TAG, Change, config_changes, describe
-from bench.train.steps import CachedStep, PlainStep, accepts_ref_items, warn_if_chunks_change_batchnorm
+from bench.train.steps import CachedStep, PlainStep, warn_if_chunks_change_batchnorm
 from bench.train.trainer import Trainer
 from bench.vocabulary import STAGE, Stage
 
@@ -207,9 +207,10 @@ def build_trainer(
     model = build_model(exp.model, in_channels, exp.train.seed).to(dev)
     if dev.type == "cuda" and exp.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    spec = losses.get_spec(exp.loss.name)  # what the loss can do; `loss_fn` is one built from it
     network = None
     if dist is not None:
-        if list(loss_fn.parameters()):
+        if spec.capabilities.has_parameters:
             raise ConfigError(
                 f"loss {exp.loss.name!r} has parameters: under torchrun only the model's gradients are "
                 "synchronised, so train it in one process"
@@ -217,7 +218,7 @@ def build_trainer(
         network = dist.wrap(model, exp.train.sync_bn)
     loss_fn = loss_fn.to(dev)
     groups = parameter_groups(model, exp.optim.lr, exp.optim.head_lr)
-    if list(loss_fn.parameters()):
+    if spec.capabilities.has_parameters:
         groups.append(
             {"params": list(loss_fn.parameters()), "lr": exp.optim.head_lr or exp.optim.lr, "name": "loss"}
         )
@@ -241,17 +242,18 @@ def build_trainer(
     if dist is None or dist.is_main:
         warn_if_chunks_change_batchnorm(model, exp.train.chunk_size)
     trainer = Trainer(exp, model, loss_fn, optimizer, scheduler, sampler, loader, bundle, dev, step)
-    trainer.network, trainer.dist, trainer.memory = network, dist, cross_batch_memory(exp, loss_fn)
+    trainer.network, trainer.dist = network, dist
+    trainer.memory = cross_batch_memory(exp, spec)
     return trainer, in_channels
 
 
-def cross_batch_memory(exp: Experiment, loss_fn: torch.nn.Module) -> CrossBatchMemory | None:
+def cross_batch_memory(exp: Experiment, spec: losses.LossSpec) -> CrossBatchMemory | None:
     """The memory `loss.memory_size` asks for, if any; the loss must take the queries x gallery form."""
     if not exp.loss.memory_size:
         return None
-    if not accepts_ref_items(loss_fn):
+    if not spec.capabilities.refs_form:
         raise ConfigError(
-            f"loss.memory_size: loss {exp.loss.name!r} ({type(loss_fn).__name__}) has no queries x gallery "
+            f"loss.memory_size: loss {exp.loss.name!r} ({spec.cls.__name__}) has no queries x gallery "
             "form, forward(embeddings, labels, ref_embeddings, ref_labels, query_offset) (losses._refs)"
         )
     return CrossBatchMemory(exp.loss.memory_size, exp.loss.memory_start_step)

@@ -16,7 +16,6 @@ Both take the loss through `compute_loss`, which adds the global batch under tor
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 from contextlib import nullcontext
@@ -88,13 +87,6 @@ def global_grad_norm(trainer: Trainer, grad: Tensor | None, terms: LossTerms) ->
     if trainer.dist is None:
         return float(grad.norm())
     return float(trainer.dist.sum(grad.double().pow(2).sum()).sqrt()) / terms.grad_scale
-
-
-def accepts_ref_items(loss_fn: nn.Module) -> bool:
-    """Whether `loss_fn` takes the queries x gallery form (`losses._refs`), or passes keywords on."""
-    parameters = inspect.signature(loss_fn.forward).parameters
-    passes_on = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    return passes_on or ("ref_embeddings" in parameters and "query_offset" in parameters)
 
 
 class PlainStep:
