@@ -19,6 +19,7 @@ from bench.data.samplers import PKSampler, RankShare
 from bench.data.seeding import SeededBatches
 from bench.device import resolve_device
 from bench.models import build_model, parameter_groups
+from bench.train.batch_loss import batch_loss
 from bench.train.checkpoint import (
     CheckpointError,
     default_checkpoint_path,
@@ -38,7 +39,7 @@ from bench.train.hooks import (
 )
 from bench.train.memory import CrossBatchMemory
 from bench.train.resume import CHANGES_TAG, Change, config_changes, describe
-from bench.train.steps import CachedStep, PlainStep, warn_if_chunks_change_batchnorm
+from bench.train.steps import StepSettings, build_step, warn_if_chunks_change_batchnorm
 from bench.train.trainer import Trainer
 from bench.vocabulary import STAGE, Stage
 
@@ -199,7 +200,8 @@ def build_trainer(
     dist: Distributed | None = None,
 ) -> tuple[Trainer, int]:
     """Model, optimizer, schedule, the P x K loader, the step and the cross-batch memory of `exp`, seeded by
-    `train.seed`; and the input channels. Under torchrun (`dist`) the model is wrapped in DDP and the loader
+    `train.seed`; and the input channels. `loss_fn` is the loss `exp.loss` names: the step composes with
+    what that loss's spec says it can do. Under torchrun (`dist`) the model is wrapped in DDP and the loader
     gives this rank's share of each global batch."""
     set_decode(bundle, exp.data.decode)
     sample_image, _ = bundle.train[0]
@@ -238,13 +240,13 @@ def build_trainer(
         pin_memory=dev.type == "cuda",
         persistent_workers=False,
     )
-    step = CachedStep(exp.train.chunk_size) if exp.train.chunk_size else PlainStep()
+    memory = cross_batch_memory(exp, spec)
+    loss = batch_loss(loss_fn, spec.capabilities.splits_by_query, dist, memory)
+    step = build_step(StepSettings.of(exp, dev), loss, exp.train.chunk_size)
     if dist is None or dist.is_main:
         warn_if_chunks_change_batchnorm(model, exp.train.chunk_size)
-    trainer = Trainer(exp, model, loss_fn, optimizer, scheduler, sampler, loader, bundle, dev, step)
-    trainer.network, trainer.dist = network, dist
-    trainer.memory = cross_batch_memory(exp, spec)
-    return trainer, in_channels
+    parts = (exp, model, loss_fn, optimizer, scheduler, sampler, loader, bundle, dev, step)
+    return Trainer(*parts, network=network, dist=dist, memory=memory), in_channels
 
 
 def cross_batch_memory(exp: Experiment, spec: losses.LossSpec) -> CrossBatchMemory | None:

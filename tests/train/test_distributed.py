@@ -106,7 +106,8 @@ def train_a_few_steps(workdir: Path, case, dist: Distributed | None) -> dict:
     """Two epochs of three global batches of 4 classes x 4 from seed 0, frozen BatchNorm."""
     name, extra = case
     overrides = [e for e in extra if e not in (RANKS_DRAW_APART, AUGMENTED)]
-    exp = tiny_experiment(workdir, epochs=2, extra=["model.freeze_bn=true", "data.augment=false", *overrides])
+    settings = ["model.freeze_bn=true", "data.augment=false", f"loss.name={name}", *overrides]
+    exp = tiny_experiment(workdir, epochs=2, extra=settings)
     bundle = tiny_bundle()
     bundle.train.augment = AUGMENTED in extra
     trainer, _ = build_trainer(exp, losses.get_loss(name, **LOSS_PARAMS.get(name, {})), bundle, CPU, dist)
@@ -158,7 +159,6 @@ class InterruptAt(torch.nn.Module):
     def __init__(self, inner: torch.nn.Module, at: int) -> None:
         super().__init__()
         self.inner, self.at, self.calls = inner, at, 0
-        self.splits_by_query = inner.splits_by_query
 
     def forward(self, *args, **kwargs):
         self.calls += 1
