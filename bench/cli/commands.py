@@ -321,7 +321,7 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from bench.benchmarks.output import write_json
-    from bench.benchmarks.train_bench import format_table, run_train_bench
+    from bench.benchmarks.train_bench import TrainSetup, TrainSweep, format_table, run_train_bench
     from bench.config import ConfigError
     from bench.device import resolve_device
     from bench.train.distributed import world_size_from_env
@@ -330,28 +330,31 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         raise ConfigError(
             "`bench train` launches torchrun itself for each case: run it without torchrun, with --nproc N"
         )
-    table = run_train_bench(
+    setup = TrainSetup(
         backbone=args.backbone,
         image_size=args.image_size,
         batch_size=args.batch_size,
         samples_per_class=args.samples_per_class,
-        chunk_size=args.chunk_size,
         loss=args.loss,
         embedding_dim=args.embedding_dim,
         freeze_bn=not args.train_bn,
-        processes=args.nproc,
+        amp=args.precision == "bf16",
+        device=resolve_device(args.device).type,
         steps=args.steps,
         warmup=args.warmup,
-        device=resolve_device(args.device).type,
-        threads=args.threads,
-        timeout_s=1800.0 if args.timeout is None else args.timeout,
+    )
+    sweep = TrainSweep(
+        processes=args.nproc,
         decodes=args.decode,
         modes=args.modes,
+        chunk_size=args.chunk_size,
         jpeg_images=args.jpeg_images,
         jpeg_side=args.jpeg_side,
+        threads=args.threads,
         workers=args.workers,
-        amp=args.precision == "bf16",
+        timeout_s=1800.0 if args.timeout is None else args.timeout,
     )
+    table = run_train_bench(setup, sweep)
     print(format_table(table))
     write_json(args.json, table)
     return 0
