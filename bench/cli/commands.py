@@ -262,22 +262,23 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_loss(args: argparse.Namespace) -> int:
-    from bench.benchmarks.loss_bench import format_table, run_loss_bench
+    from bench.benchmarks.loss_bench import LossSweep, format_table, run_loss_bench
     from bench.benchmarks.output import write_json
     from bench.device import resolve_device
 
-    table = run_loss_bench(
+    sweep = LossSweep(
         batch_sizes=args.batch_sizes,
         samples_per_class=args.samples_per_class,
         dim=args.dim,
         device=resolve_device(args.device).type,
-        losses=args.losses.split(",") if args.losses else None,
+        losses=tuple(args.losses.split(",")) if args.losses else None,
         repeats=args.repeats,
         min_seconds=args.min_seconds,
         threads=args.threads,
         max_bbb_gb=args.max_bbb_gb,
         timeout_s=600.0 if args.timeout is None else args.timeout,
     )
+    table = run_loss_bench(sweep)
     print(format_table(table))
     write_json(args.json, table)
     return 0
