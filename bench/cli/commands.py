@@ -285,11 +285,14 @@ def cmd_bench_loss(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_eval(args: argparse.Namespace) -> int:
-    from bench.benchmarks.eval_bench import format_table, run_eval_bench, run_memory_check
+    from dataclasses import replace
+
+    from bench.benchmarks.eval_bench import SOP_TEST, format_table, run_eval_bench, run_memory_check
     from bench.benchmarks.output import time_limit, write_json
 
+    data = replace(SOP_TEST, n=args.n, dim=args.dim, n_classes=args.classes)
     with time_limit(args.timeout):
-        result = run_eval_bench(n=args.n, dim=args.dim, n_classes=args.classes, backend=args.backend)
+        result = run_eval_bench(data, backend=args.backend)
         print(format_table(result))
         if args.memory_check:
             result["memory_check"] = run_memory_check(backend=args.backend)
