@@ -96,15 +96,10 @@ def train_and_evaluate(
         trainer.restore(state)
         _continue_with_changes(trainer, start, tracker, in_channels, main)
     resumed = state is not None
-    hooks: list[Hook] = [EvaluationHook(evaluate_test), CheckpointHook(checkpoint_path, in_channels, resumed)]
-    if tracker is not None:
-        hooks.append(TrackingHook(tracker, resumed, checkpoint_path))
-        hooks.append(FairnessHook(tracker))
-    if progress:
-        hooks.append(ProgressHook())
-    if epoch_callback is not None:
-        hooks.append(PruningHook(epoch_callback))
-    trainer.hooks = hooks if main else []
+    if main:  # the other ranks only train
+        trainer.hooks = _hooks(
+            checkpoint_path, in_channels, resumed, tracker, evaluate_test, progress, epoch_callback
+        )
     try:
         if tracker is None:
             trainer.train()
@@ -120,6 +115,28 @@ def train_and_evaluate(
     except KeyboardInterrupt as interrupt:
         raise KeyboardInterrupt(f"resume with --resume (checkpoint {checkpoint_path})") from interrupt
     return RunResult(trainer.run_id, checkpoint_path, exp.train.epochs, trainer.history, trainer.test_metrics)
+
+
+def _hooks(
+    checkpoint_path: Path,
+    in_channels: int,
+    resumed: bool,
+    tracker: Tracker | None,
+    evaluate_test: bool,
+    progress: bool,
+    epoch_callback: EpochCallback | None,
+) -> list[Hook]:
+    """What runs around the loop: evaluation and checkpoints always, tracking, progress and pruning when
+    asked for, in the order they are called."""
+    hooks: list[Hook] = [EvaluationHook(evaluate_test), CheckpointHook(checkpoint_path, in_channels, resumed)]
+    if tracker is not None:
+        hooks.append(TrackingHook(tracker, resumed, checkpoint_path))
+        hooks.append(FairnessHook(tracker))
+    if progress:
+        hooks.append(ProgressHook())
+    if epoch_callback is not None:
+        hooks.append(PruningHook(epoch_callback))
+    return hooks
 
 
 @dataclass
