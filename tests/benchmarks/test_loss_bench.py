@@ -63,16 +63,16 @@ def test_a_reduced_precision_row_reports_its_error_against_fp32(monkeypatch):
     """On a CPU TF32 changes nothing, so a TF32 row must report zero error; with products 0.1% off standing in
     for TF32's, the error against fp32 must show."""
     import bench.benchmarks.loss_bench as bench
-    import losses.smooth_ap
+    import losses._similarities
 
     monkeypatch.setitem(bench.BACKEND_ROWS, "smooth_ap_torch_tf32", {"backend": "torch", "tf32": True})
     case = {"batch": 64, "samples_per_class": 4, "dim": 16, "device": "cpu", "repeats": 1, "threads": 1}
     result = bench._measure_case("smooth_ap_torch_tf32", min_seconds=0.0, **case)
     assert result["loss_err"] == 0.0 and result["grad_rel_err"] == 0.0
 
-    exact_gram = losses.smooth_ap._Gram.apply
+    exact_gram = losses._similarities.Gram.apply
     monkeypatch.setattr(
-        losses.smooth_ap._Gram, "apply", lambda emb, tf32: exact_gram(emb, tf32) * (1.001 if tf32 else 1.0)
+        losses._similarities.Gram, "apply", lambda emb, tf32: exact_gram(emb, tf32) * (1.001 if tf32 else 1.0)
     )
     result = bench._measure_case("smooth_ap_torch_tf32", min_seconds=0.0, **case)
     assert result["loss_err"] > 1e-6 and result["grad_rel_err"] > 1e-4
