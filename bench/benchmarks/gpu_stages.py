@@ -115,6 +115,25 @@ def faiss_on_gpu() -> bool:
 def stages() -> list[Stage]:
     """Every stage in running order; their limits add up to the default budget, 480 s. A bench command that
     runs cases in their own processes gets a per-case --timeout that fits its cases in the stage's limit."""
+    return [_tests_stage(), *_loss_stages(), *_train_stages(), *_eval_stages()]
+
+
+def _tests_stage() -> Stage:
+    """The GPU tests, first: a failure there explains any figure after it."""
+    tests = Stage(
+        "gpu-tests",
+        110,
+        [[sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *GPU_TESTS, "--junitxml", "{out}",
+          "-k", "not spills"]],  # the sm_90 spill check compiles on any CPU: the CPU suite runs it
+        [Figure("GPU tests (decode race, Triton vs torch 1..512 positives, B=65,536, faiss ties, two ranks)",
+                "all pass", _tests, lambda summary: summary.endswith(" 0 failed, 0 errors"))],
+        suffix=".xml",
+    )  # fmt: skip
+    return tests
+
+
+def _loss_stages() -> list[Stage]:
+    """Smooth-AP's speed at the issue's two batch sizes, then the largest batch that fits."""
     loss = [*BENCH, "loss", "--device", "cuda", "--dim", "512", "--json", "{out}"]
     loss_stages = []
     for batch, target_ms, limit in ((8192, 5.0, 45), (65536, 100.0, 60)):
@@ -134,6 +153,11 @@ def stages() -> list[Stage]:
         [Figure("largest Smooth-AP batch that fits (triton)", f"recorded (tried {LARGEST_LOSS_BATCHES})",
                 _largest_ok())],
     )  # fmt: skip
+    return [*loss_stages, largest_loss]
+
+
+def _train_stages() -> list[Stage]:
+    """ResNet-50 training steps: plain against gradient-cached, the largest batches, decoding on the GPU."""
     train = [*BENCH, "train", *TRAIN, "--json", "{out}"]
     train_stage = Stage(
         "train-resnet50",
@@ -172,6 +196,11 @@ def stages() -> list[Stage]:
          Figure("training on JPEGs decoded on the GPU (images/s)", "> the CPU's",
                 _train_value("images_per_s", decode="gpu"))],
     )  # fmt: skip
+    return [train_stage, *largest_train, decode]
+
+
+def _eval_stages() -> list[Stage]:
+    """Evaluation at SOP's and iNaturalist's test sizes, ours at each placement against PML."""
     placements = "faiss@cpu,torch@cuda" + (",faiss@cuda" if faiss_on_gpu() else "")
     eval_stages = [
         Stage(
@@ -205,13 +234,4 @@ def stages() -> list[Stage]:
         )  # fmt: skip
         for n, classes, limit in ((60502, 11316, 40), (136093, 2452, 40))
     ]
-    tests = Stage(
-        "gpu-tests",
-        110,
-        [[sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *GPU_TESTS, "--junitxml", "{out}",
-          "-k", "not spills"]],  # the sm_90 spill check compiles on any CPU: the CPU suite runs it
-        [Figure("GPU tests (decode race, Triton vs torch 1..512 positives, B=65,536, faiss ties, two ranks)",
-                "all pass", _tests, lambda summary: summary.endswith(" 0 failed, 0 errors"))],
-        suffix=".xml",
-    )  # fmt: skip
-    return [tests, *loss_stages, largest_loss, train_stage, *largest_train, decode, *eval_stages]
+    return eval_stages
