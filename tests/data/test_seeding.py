@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from bench.data.omniglot import TensorImages
-from bench.data.seeding import SeededBatches, SeededSamples
+from bench.data.seeding import SeededSamples
 
 
 def _augmenting_dataset() -> TensorImages:
