@@ -8,7 +8,8 @@ uses (if any), and ends with `register(name, cls, search_space, miner=...)`. See
 Every registered loss also takes the queries x gallery form, `loss(embeddings, labels, ref_embeddings,
 ref_labels, query_offset)`: rows are queries, columns a retrieval set that holds the queries at `query_offset`
 (a cross-batch memory, or the global batch under torchrun); see `losses._refs`. A loss whose value is a mean
-of per-query terms sets `splits_by_query = True`, so ranks may each take their own queries.
+of per-query terms sets `splits_by_query = True`, so ranks may each take their own queries. `register`
+resolves what a loss can do once (`LossCapabilities`) and stores it on the spec, where the harness reads it.
 
 Losses from outside this package join the same registry: a Python file anywhere, imported with
 `load_loss_module(path)` (the CLI's `--loss-module`), or an installed package's entry point in the group
@@ -35,14 +36,18 @@ from typing import Any
 
 import torch
 
+from losses._capabilities import LossCapabilities, resolve_capabilities
+
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "LossCapabilities",
     "LossModuleError",
     "LossSpec",
     "available_losses",
     "get_loss",
     "get_spec",
     "load_loss_module",
+    "make_spec",
     "register",
     "resolve_loss_names",
 ]
@@ -56,6 +61,7 @@ class LossSpec:
 
     name: str
     cls: type[torch.nn.Module]
+    capabilities: LossCapabilities  # resolved from `cls` by `make_spec`
     defaults: dict[str, Any] = field(default_factory=dict)  # keyword -> default, from the signature
     search_space: Callable[[Any], dict[str, Any]] | None = None  # (optuna.Trial) -> params
     miner: str | None = None  # human-readable name of the miner the loss uses, for reports
@@ -85,6 +91,18 @@ def _signature_defaults(name: str, cls: type[torch.nn.Module]) -> dict[str, Any]
     return defaults
 
 
+def make_spec(
+    name: str,
+    cls: type[torch.nn.Module],
+    search_space: Callable[[Any], dict[str, Any]] | None = None,
+    miner: str | None = None,
+) -> LossSpec:
+    """The spec of loss class `cls`: its defaults from the signature (first: a missing default is named
+    before the class is built), then its capabilities from the class."""
+    defaults = _signature_defaults(name, cls)
+    return LossSpec(name, cls, resolve_capabilities(cls), defaults, search_space, miner)
+
+
 _REGISTRY: dict[str, LossSpec] = {}
 
 
@@ -94,13 +112,14 @@ def register(
     search_space: Callable[[Any], dict[str, Any]] | None = None,
     miner: str | None = None,
 ) -> LossSpec:
-    """Add a loss under `name`, its defaults read from the signature of `cls`."""
+    """Add a loss under `name`, its defaults read from the signature of `cls` and its capabilities from the
+    class (`make_spec`)."""
     if search_space is not None and not callable(search_space):
         raise TypeError(
             f"loss {name!r}: search_space must be a function (optuna.Trial) -> dict, got {search_space!r} "
             f"(defaults are read from the signature of {cls.__name__})"
         )
-    spec = LossSpec(name, cls, _signature_defaults(name, cls), search_space, miner)
+    spec = make_spec(name, cls, search_space, miner)
     existing = _REGISTRY.get(name)
     if existing is not None and existing.cls is not cls:
         raise ValueError(f"loss {name!r} is already registered by {existing.cls.__module__}")

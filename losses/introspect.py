@@ -19,11 +19,8 @@ from torch import Tensor, nn
 
 def similarity_gradients(loss: nn.Module, embeddings: Tensor, labels: Tensor) -> pd.DataFrame:
     """One row per (query, item != query): similarity, item's rank for the query (1 = most similar),
-    is_positive (same label), and grad = dL/ds_qj."""
-    if not hasattr(loss, "forward_similarities"):
-        raise TypeError(
-            f"{type(loss).__name__} has no forward_similarities(sims, labels); add one to use introspection"
-        )
+    is_positive (same label), and grad = dL/ds_qj. `loss` has the similarity form (its spec's
+    `capabilities.similarity_form`)."""
     emb = embeddings.detach().to(torch.float64)
     labels = labels.detach().reshape(-1).to(emb.device)
     sims = (emb @ emb.T).requires_grad_(True)

@@ -10,6 +10,8 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 import bench.metrics as metrics_module
 from bench.benchmarks.eval_bench import (
     SHARED_METRICS,
+    SOP_TEST,
+    EvalData,
     Placement,
     class_sizes,
     format_table,
@@ -20,6 +22,9 @@ from bench.metrics import knn, retrieval_metrics, search_engine
 from tests.helpers import clustered
 
 BACKENDS = ["faiss", "torch"]
+SMALL = EvalData(
+    n=600, n_classes=110, max_class_size=SOP_TEST.max_class_size, dim=32
+)  # the bench's smoke size
 KS = (1, 2, 4, 8, 1000)  # 1000 > every test gallery: "all candidates"
 
 
@@ -321,7 +326,7 @@ def test_sop_like_class_sizes():
 
 
 def test_eval_bench_agrees_with_pml_on_a_small_set():
-    result = run_eval_bench(n=600, dim=32, n_classes=110, backend="faiss,torch", isolate=False)
+    result = run_eval_bench(SMALL, backend="faiss,torch", isolate=False)
     # ours at each placement, PML with an inner-product index, PML with its default L2 index
     assert list(result["table"]["search"]) == ["faiss-cpu", "torch", "faiss-cpu", "faiss-cpu"]
     for placement in ("faiss@cpu", "torch@cpu"):
@@ -351,7 +356,7 @@ def test_placements_parse_and_name_what_is_wrong():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_eval_bench_on_cuda_without_a_gpu_fails_before_any_work():
     with pytest.raises(ValueError, match=r"--backend torch@cuda: no CUDA device is available"):
-        run_eval_bench(n=600, dim=32, n_classes=110, backend="faiss,torch@cuda", isolate=False)
+        run_eval_bench(SMALL, backend="faiss,torch@cuda", isolate=False)
 
 
 def test_a_gpu_chunk_takes_a_share_of_free_memory_not_a_fixed_budget(monkeypatch):

@@ -21,18 +21,12 @@ import resource
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing import get_context
 
 import numpy as np
 import pandas as pd
 
-SOP_TEST = {"n": 60502, "n_classes": 11316, "max_class_size": 12}  # Stanford Online Products test set
-INATURALIST_TEST = {
-    "n": 136093,
-    "n_classes": 2452,
-    "max_class_size": 1000,
-}  # Smooth-AP's iNaturalist test split
 SHARED_METRICS = {
     "recall_at_1": "precision_at_1",
     "map_at_r": "mean_average_precision_at_r",
@@ -68,6 +62,24 @@ def synthetic_embeddings(
     x += centres[labels]
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x, labels
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """The synthetic embeddings a benchmark evaluates, the size of a real test set."""
+
+    n: int
+    n_classes: int
+    max_class_size: int
+    dim: int = 512
+    seed: int = 0
+
+    def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        return synthetic_embeddings(self.n, self.dim, self.n_classes, self.seed, self.max_class_size)
+
+
+SOP_TEST = EvalData(n=60502, n_classes=11316, max_class_size=12)  # Stanford Online Products test set
+INATURALIST_TEST = EvalData(n=136093, n_classes=2452, max_class_size=1000)  # Smooth-AP's iNaturalist split
 
 
 class _PeakRss:
@@ -194,14 +206,12 @@ def _pml(x: np.ndarray, labels: np.ndarray, knn: str) -> tuple[dict, float, str]
     return metrics, time.perf_counter() - start, "faiss-cpu"
 
 
-def _evaluate(
-    method: str | Placement, n: int, dim: int, n_classes: int, seed: int, max_class_size: int
-) -> dict:
+def _evaluate(method: str | Placement, data: EvalData) -> dict:
     """One evaluation of fresh synthetic data, ours at a placement or PML's ('pml-ip', 'pml-l2'): metrics,
     seconds, the search engine used, resident memory and, on CUDA, torch's peak GPU memory."""
     import torch
 
-    x, labels = synthetic_embeddings(n, dim, n_classes, seed, max_class_size)
+    x, labels = data.embeddings()
     with _PeakRss() as rss:
         if isinstance(method, Placement):
             metrics, seconds, engine = _ours(x, labels, method)
@@ -223,42 +233,33 @@ def _evaluate(
     }
 
 
-def _run(isolate: bool, *args) -> dict:
+def _run(isolate: bool, method: str | Placement, data: EvalData) -> dict:
     if not isolate:
-        return _evaluate(*args)
+        return _evaluate(method, data)
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(_evaluate, *args).result()
+        return pool.submit(_evaluate, method, data).result()
 
 
-def run_eval_bench(
-    n: int = SOP_TEST["n"],
-    dim: int = 512,
-    n_classes: int = SOP_TEST["n_classes"],
-    seed: int = 0,
-    backend: str = "auto",
-    max_class_size: int = SOP_TEST["max_class_size"],
-    isolate: bool = True,
-) -> dict:
+def run_eval_bench(data: EvalData = SOP_TEST, backend: str = "auto", isolate: bool = True) -> dict:
     """Ours at each placement of `backend` (see `parse_placements`) and PML's AccuracyCalculator on the same
     data; `isolate=False` runs all in this process (tests)."""
     placements = parse_placements(backend)
     _check_devices(placements)
     setup = {
-        "n": n,
-        "dim": dim,
-        "n_classes": n_classes,
-        "seed": seed,
+        "n": data.n,
+        "dim": data.dim,
+        "n_classes": data.n_classes,
+        "seed": data.seed,
         "backend": backend,
-        "max_class_size": max_class_size,
+        "max_class_size": data.max_class_size,
     }
-    data = (n, dim, n_classes, seed, max_class_size)
-    ours = {str(p): _run(isolate, p, *data) for p in placements}
+    ours = {str(p): _run(isolate, p, data) for p in placements}
     pml_version = importlib.metadata.version("pytorch-metric-learning")
     rows = [
         _row("smoothap-bench", f"{p}, inner product", result, list(SHARED_METRICS))
         for p, result in ours.items()
     ]
-    theirs = {knn: _run(isolate, f"pml-{knn}", *data) for knn in PML_KNN}
+    theirs = {knn: _run(isolate, f"pml-{knn}", data) for knn in PML_KNN}
     rows += [
         _row(f"pytorch-metric-learning {pml_version}", PML_KNN[knn], result, list(SHARED_METRICS.values()))
         for knn, result in theirs.items()
@@ -296,21 +297,13 @@ def _row(name: str, knn: str, result: dict, keys: list[str]) -> dict:
     return row
 
 
-def run_memory_check(
-    n: int = INATURALIST_TEST["n"],
-    dim: int = 512,
-    n_classes: int = INATURALIST_TEST["n_classes"],
-    seed: int = 0,
-    backend: str = "auto",
-    max_class_size: int = INATURALIST_TEST["max_class_size"],
-) -> dict:
+def run_memory_check(data: EvalData = INATURALIST_TEST, backend: str = "auto") -> dict:
     """Our evaluation alone at iNaturalist test size, each placement of `backend` in a fresh process: time,
     peak resident memory and, on CUDA, torch's peak GPU memory."""
     placements = parse_placements(backend)
     _check_devices(placements)
-    data = (n, dim, n_classes, seed, max_class_size)
-    runs = {str(p): _run(True, p, *data) for p in placements}
-    _, labels = synthetic_embeddings(n, 1, n_classes, seed, max_class_size)
+    runs = {str(p): _run(True, p, data) for p in placements}
+    _, labels = replace(data, dim=1).embeddings()
     return {"largest_class": int(np.bincount(labels).max()), "runs": runs}
 
 

@@ -33,6 +33,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -194,54 +195,69 @@ def _run_case_subprocess(args: dict, timeout_s: float) -> dict:
     return {"status": "ok", **json.loads(done.stdout.strip().splitlines()[-1])}
 
 
-def run_loss_bench(
-    batch_sizes: tuple[int, ...] = (224, 384, 1024, 4096, 8192),
-    samples_per_class: int = 4,
-    dim: int = 512,
-    device: str = "cpu",
-    losses: list[str] | None = None,
-    repeats: int = 3,
-    min_seconds: float = 1.0,
-    threads: int | None = None,
-    max_bbb_gb: float = 4.0,
-    timeout_s: float = 600.0,
-    progress: bool = True,
-) -> pd.DataFrame:
-    """One row per (batch size, loss) with time_ms, peak_mb, their ratios to ours, and a status.
+@dataclass(frozen=True)
+class LossSweep:
+    """The cases of one command: every loss at every batch size, and how each case is timed."""
 
-    `losses`: registry names plus "smooth_ap_bbb" (the released B x B x B algorithm) and "smooth_ap_pml";
-    default all. The B^3 versions are skipped where their estimated memory exceeds `max_bbb_gb`.
-    """
-    from losses import available_losses
+    batch_sizes: tuple[int, ...] = (224, 384, 1024, 4096, 8192)
+    samples_per_class: int = 4
+    dim: int = 512
+    device: str = "cpu"
+    # registry names plus "smooth_ap_bbb" (the released B x B x B algorithm), "smooth_ap_pml" and the
+    # backend rows; None: all
+    losses: tuple[str, ...] | None = None
+    repeats: int = 3
+    min_seconds: float = 1.0
+    threads: int | None = None
+    max_bbb_gb: float = 4.0  # the B^3 versions are skipped where their estimated memory exceeds this
+    timeout_s: float = 600.0
 
-    backends = list(BACKEND_ROWS) if device.startswith("cuda") else []
-    names = losses or [OURS, *backends, BBB, PML] + [n for n in available_losses() if n != OURS]
-    rows = []
-    for batch in batch_sizes:
-        if batch % samples_per_class:
-            raise ValueError(f"batch size {batch} is not a multiple of samples_per_class={samples_per_class}")
+    def names(self) -> list[str]:
+        """The losses to time, ours first."""
+        from losses import available_losses
+
+        backends = list(BACKEND_ROWS) if self.device.startswith("cuda") else []
+        return list(self.losses or [OURS, *backends, BBB, PML] + [n for n in available_losses() if n != OURS])
+
+
+def run_loss_bench(sweep: LossSweep = LossSweep(), progress: bool = True) -> pd.DataFrame:
+    """One row per (batch size, loss) with time_ms, peak_mb, their ratios to ours, and a status."""
+    names, rows = sweep.names(), []
+    for batch in sweep.batch_sizes:
+        if batch % sweep.samples_per_class:
+            raise ValueError(
+                f"batch size {batch} is not a multiple of samples_per_class={sweep.samples_per_class}"
+            )
         for name in names:
-            row = {"batch_size": batch, "loss": name}
-            if name in (BBB, PML) and _bbb_bytes(batch) > max_bbb_gb * 2**30:
-                row["status"] = f"skipped: ~{_bbb_bytes(batch) / 2**30:.0f} GB B^3 tensors > {max_bbb_gb} GB"
-            elif BACKEND_ROWS.get(name, {}).get("backend") == "triton" and not device.startswith("cuda"):
-                row["status"] = "skipped: the triton backend needs --device cuda"
-            else:
-                args = {
-                    "name": name,
-                    "batch": batch,
-                    "samples_per_class": samples_per_class,
-                    "dim": dim,
-                    "device": device,
-                    "repeats": repeats,
-                    "threads": threads,
-                    "min_seconds": min_seconds,
-                }
-                row.update(_run_case_subprocess(args, timeout_s))
+            row = {"batch_size": batch, "loss": name, **_case(sweep, name, batch)}
             if progress:
                 print(_format_row(row), file=sys.stderr, flush=True)
             rows.append(row)
-    table = pd.DataFrame(rows)
+    return _with_ratios(pd.DataFrame(rows), sweep.samples_per_class)
+
+
+def _case(sweep: LossSweep, name: str, batch: int) -> dict:
+    """One case's measurements and status, or the status saying why it is skipped."""
+    if name in (BBB, PML) and _bbb_bytes(batch) > sweep.max_bbb_gb * 2**30:
+        return {"status": f"skipped: ~{_bbb_bytes(batch) / 2**30:.0f} GB B^3 tensors > {sweep.max_bbb_gb} GB"}
+    if BACKEND_ROWS.get(name, {}).get("backend") == "triton" and not sweep.device.startswith("cuda"):
+        return {"status": "skipped: the triton backend needs --device cuda"}
+    args = {
+        "name": name,
+        "batch": batch,
+        "samples_per_class": sweep.samples_per_class,
+        "dim": sweep.dim,
+        "device": sweep.device,
+        "repeats": sweep.repeats,
+        "threads": sweep.threads,
+        "min_seconds": sweep.min_seconds,
+    }
+    return _run_case_subprocess(args, sweep.timeout_s)
+
+
+def _with_ratios(table: pd.DataFrame, samples_per_class: int) -> pd.DataFrame:
+    """The table's columns in order, with time and peak memory against ours at the same batch size and the
+    Smooth-AP rows' sigmoid throughput."""
     for column in ("time_ms", "median_ms", "passes", "peak_mb", "loss_err", "grad_rel_err"):
         if column not in table:
             table[column] = float("nan")

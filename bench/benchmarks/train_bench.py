@@ -47,226 +47,158 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from functools import partial
-from itertools import repeat
+from itertools import product, repeat
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from bench.benchmarks.step_clock import PARTS, time_steps
+from bench.benchmarks.train_inputs import jpeg_bundle, loader_epoch, memory_case, write_jpegs
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PLAIN, CHUNKED = "plain", "chunked"
 MEMORY = "memory"  # the input of a case fed from an in-memory batch, beside data.decode's cpu and gpu
-PARTS = ("data_s", "to_device_s", "forward_s", "loss_s", "backward_s", "optimizer_s")
 
 
-class StepClock:
-    """Splits a training step's time by hooks on the model, the loss and the optimizer, so the step strategy
-    itself is timed unchanged; on CUDA each boundary synchronises the device."""
+@dataclass(frozen=True)
+class TrainSetup:
+    """What every case trains, and how many steps it warms up and times."""
 
-    def __init__(self, trainer, device) -> None:
-        import torch
-
-        self.sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-        self.totals: dict[str, float] = {}
-        self.started: dict[str, float] = {}
-        self.first_forward: float | None = None
-        model, loss_fn, optimizer = trainer.forward_model, trainer.loss_fn, trainer.optimizer
-        self.handles = [
-            model.register_forward_pre_hook(lambda *_: self._start("forward_s")),
-            model.register_forward_hook(lambda *_: self._stop("forward_s")),
-            loss_fn.register_forward_pre_hook(lambda *_: self._start("loss_s")),
-            loss_fn.register_forward_hook(lambda *_: self._stop("loss_s")),
-            optimizer.register_step_pre_hook(lambda *_: self._start("optimizer_s")),
-            optimizer.register_step_post_hook(lambda *_: self._stop("optimizer_s")),
-        ]
-
-    def now(self) -> float:
-        self.sync()
-        return time.perf_counter()
-
-    def _start(self, part: str) -> None:
-        self.started[part] = self.now()
-        if part == "forward_s" and self.first_forward is None:
-            self.first_forward = self.started[part]
-
-    def _stop(self, part: str) -> None:
-        self.totals[part] = self.totals.get(part, 0.0) + self.now() - self.started.pop(part)
-
-    def step(self, trainer, batches: Iterator) -> dict[str, float]:
-        """One step on the next batch: seconds per part, summing to the step's time."""
-        self.totals, self.first_forward = {}, None
-        start = self.now()
-        images, labels = next(batches)
-        loaded = self.now()
-        trainer.step(trainer, images, labels)
-        end = self.now()
-        parts = {"data_s": loaded - start, "to_device_s": (self.first_forward or end) - loaded, **self.totals}
-        parts["backward_s"] = end - start - sum(parts.values())
-        return {part: parts.get(part, 0.0) for part in PARTS}
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+    backbone: str = "resnet18"
+    image_size: int = 64
+    batch_size: int = 1024  # global, P x K
+    samples_per_class: int = 4
+    loss: str = "smooth_ap"
+    embedding_dim: int = 128
+    freeze_bn: bool = True
+    amp: bool = True
+    device: str = "cpu"
+    steps: int = 3
+    warmup: int = 1
 
 
-def write_jpegs(folder: Path, count: int, side: int, seed: int = 0) -> list[Path]:
-    """`count` photo-like JPEGs of side x 3/4 side at quality 90 (smooth colour fields with mild noise, about
-    the file size of a photo of that size, so decoding costs about what a photo's does)."""
-    from PIL import Image
+@dataclass(frozen=True)
+class TrainSweep:
+    """The cases of one command: every process count x input x step, and what they share out."""
 
-    rng = np.random.default_rng(seed)
-    width, height = side, max(1, side * 3 // 4)
-    paths = []
-    for n in range(count):
-        coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-        field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.int16)
-        pixels = (field + rng.integers(-8, 9, field.shape)).clip(0, 255).astype(np.uint8)
-        paths.append(folder / f"{n:05d}.jpg")
-        Image.fromarray(pixels).save(paths[-1], quality=90)
-    return paths
+    processes: tuple[int, ...] = (1,)
+    decodes: tuple[str, ...] = (MEMORY,)
+    modes: tuple[str, ...] = (PLAIN, CHUNKED)
+    chunk_size: int = 64  # the chunked step's
+    jpeg_images: int = 512
+    jpeg_side: int = 500
+    threads: int | None = None  # torch threads shared out among a case's processes (None: every core)
+    workers: int | None = None  # loader workers shared out likewise
+    timeout_s: float = 1800.0
 
-
-def _jpeg_bundle(folder: str, config, items: int):
-    """A training set of `items` entries cycling over the folder's JPEGs, 2K entries per class, with the
-    run's training transform."""
-    from bench.data import DatasetBundle
-    from bench.data.images import ImageList
-    from bench.data.transforms import make_transforms
-
-    files = sorted(Path(folder).glob("*.jpg"))
-    per_class = 2 * config.samples_per_class
-    paths = [files[i % len(files)] for i in range(items)]
-    train = ImageList(paths, [i // per_class for i in range(items)], make_transforms(config)[0])
-    return DatasetBundle("jpegs", train, None, [])
+    def case(self, setup: TrainSetup, processes: int, decode: str, mode: str, jpeg_dir: str) -> TrainCase:
+        cores = os.cpu_count() or 1
+        return TrainCase(
+            setup,
+            self.chunk_size if mode == CHUNKED else None,
+            decode,
+            jpeg_dir,
+            threads=max(1, (self.threads or cores) // processes),
+            workers=max(1, (self.workers or cores) // processes),
+        )
 
 
-def _memory_case(batch_size: int, samples_per_class: int, image_size: int):
-    """The in-memory input: a bundle holding one random global batch, and that batch."""
-    import torch
+@dataclass(frozen=True)
+class TrainCase:
+    """One launch: the setup with its step (`chunk_size` None: plain), input and share of the cores. It
+    reaches the launched processes as JSON on their command line."""
 
-    from bench.data import DatasetBundle
-    from bench.data.omniglot import TensorImages
+    setup: TrainSetup
+    chunk_size: int | None = None
+    decode: str = MEMORY
+    jpeg_dir: str | None = None
+    threads: int = 1
+    workers: int = 0
 
-    gen = torch.Generator().manual_seed(0)
-    images = torch.rand(batch_size, 3, image_size, image_size, generator=gen)
-    labels = torch.arange(batch_size // samples_per_class).repeat_interleave(samples_per_class)
-    return DatasetBundle("synthetic", TensorImages(images, labels.numpy()), None, []), (images, labels)
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainCase:
+        fields = json.loads(text)
+        return cls(TrainSetup(**fields.pop("setup")), **fields)
+
+    def experiment(self):
+        """The run's config of this case: its data, model, loss and step."""
+        from bench.config import experiment_from_dict
+
+        setup = self.setup
+        data = {
+            "batch_size": setup.batch_size,
+            "samples_per_class": setup.samples_per_class,
+            "augment": self.decode != MEMORY,
+        }
+        if self.decode != MEMORY:
+            data.update(image_size=setup.image_size, decode=self.decode, num_workers=self.workers)
+        model = {
+            "backbone": setup.backbone,
+            "embedding_dim": setup.embedding_dim,
+            "freeze_bn": setup.freeze_bn,
+        }
+        train = {"chunk_size": self.chunk_size, "amp": setup.amp}
+        return experiment_from_dict(
+            {"data": data, "model": model, "loss": {"name": setup.loss}, "train": train}
+        )
 
 
-def _measure_case(
-    backbone: str,
-    image_size: int,
-    batch_size: int,
-    samples_per_class: int,
-    chunk_size: int | None,
-    loss: str,
-    embedding_dim: int,
-    freeze_bn: bool,
-    steps: int,
-    warmup: int,
-    device: str,
-    threads: int,
-    decode: str = MEMORY,
-    jpeg_dir: str | None = None,
-    workers: int = 0,
-    amp: bool = True,
-) -> dict | None:
+def measure_case(case: TrainCase) -> dict | None:
     """Run on every rank of one launch: the timed steps; rank 0's result (None on the other ranks)."""
     import torch
 
     import losses
-    from bench.config import experiment_from_dict
     from bench.device import resolve_device
     from bench.train import build_trainer
     from bench.train.distributed import process_group
 
-    torch.set_num_threads(threads)
-    with process_group(resolve_device(device).type) as dist:
-        dev = dist.device if dist is not None else resolve_device(device)
-        data = {"batch_size": batch_size, "samples_per_class": samples_per_class, "augment": decode != MEMORY}
-        if decode != MEMORY:
-            data.update(image_size=image_size, decode=decode, num_workers=workers)
-        exp = experiment_from_dict(
-            {
-                "data": data,
-                "model": {"backbone": backbone, "embedding_dim": embedding_dim, "freeze_bn": freeze_bn},
-                "loss": {"name": loss},
-                "train": {"chunk_size": chunk_size, "amp": amp},
-            }
-        )
+    setup = case.setup
+    torch.set_num_threads(case.threads)
+    with process_group(resolve_device(setup.device).type) as dist:
+        dev = dist.device if dist is not None else resolve_device(setup.device)
+        exp = case.experiment()
         torch.backends.cudnn.benchmark = dev.type == "cuda"  # as a run sets it
-        if decode == MEMORY:
-            bundle, (images, labels) = _memory_case(batch_size, samples_per_class, image_size)
+        if case.decode == MEMORY:
+            bundle, batch = memory_case(setup.batch_size, setup.samples_per_class, setup.image_size)
         else:  # each of the two epochs (warm-up, timed) long enough for its steps
-            bundle = _jpeg_bundle(jpeg_dir, exp.data, batch_size * max(warmup, steps, 1))
-        trainer, _ = build_trainer(exp, losses.get_loss(loss), bundle, dev, dist)
+            bundle = jpeg_bundle(
+                case.jpeg_dir, exp.data, setup.batch_size * max(setup.warmup, setup.steps, 1)
+            )
+        trainer, _ = build_trainer(exp, losses.get_loss(setup.loss), bundle, dev, dist)
         trainer.model.train()
         rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
-        if decode == MEMORY:
-            share = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
-            timed, peak = _time_steps(
-                trainer, lambda _: repeat((images[share], labels[share])), warmup, steps
-            )
+        if case.decode == MEMORY:
+            share = slice(rank * setup.batch_size // world, (rank + 1) * setup.batch_size // world)
+            rank_batch = (batch[0][share], batch[1][share])
+
+            def epoch_batches(_epoch: int) -> Iterator:
+                return repeat(rank_batch)
         else:
-            timed, peak = _time_steps(trainer, partial(_loader_epoch, trainer), warmup, steps)
-        if rank != 0:
-            return None
-        totals = timed.sum(axis=1)
-        return {
-            "step": type(trainer.step).__name__,
-            "step_s": totals.mean(),
-            "fastest_s": totals.min(),
-            "images_per_s": batch_size / totals.mean(),
-            **timed.mean().to_dict(),
-            "peak_mb": peak / 2**20,
-        }
+            epoch_batches = partial(loader_epoch, trainer)
+        timed, peak = time_steps(trainer, epoch_batches, setup.warmup, setup.steps)
+        return _result(type(trainer.step).__name__, timed, peak, setup.batch_size) if rank == 0 else None
 
 
-def _loader_epoch(trainer, epoch: int) -> Iterator:
-    """A fresh pass of the run's loader over `epoch`, seeded as the trainer seeds it: its workers start cold
-    and fill up, as at the start of every epoch of a run (they are not persistent)."""
-    from bench.train.trainer import seed_everything
-
-    trainer.sampler.set_epoch(epoch)
-    seed_everything(trainer.exp.train.seed * 100_003 + epoch)
-    return iter(trainer.loader)
-
-
-def _time_steps(
-    trainer, epoch_batches: Callable[[int], Iterator], warmup: int, steps: int
-) -> tuple[pd.DataFrame, int]:
-    """`warmup` untimed steps on the batches of epoch 0, then `steps` timed ones on epoch 1's: their split,
-    and the peak memory in bytes over all of them (from before the first, which allocates the most)."""
-    import resource
-
-    import torch
-
-    dev = trainer.device
-    clock = StepClock(trainer, dev)
-    cuda = dev.type == "cuda"
-    if cuda:
-        held = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    if warmup:
-        batches = epoch_batches(0)
-        for _ in range(warmup):
-            clock.step(trainer, batches)
-        del batches  # its loader workers stop before the timed epoch's start
-    batches = epoch_batches(1)
-    timed = pd.DataFrame([clock.step(trainer, batches) for _ in range(steps)])
-    if cuda:
-        peak = torch.cuda.max_memory_allocated(dev) - held
-    else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
-    clock.close()
-    return timed, peak
+def _result(step: str, timed: pd.DataFrame, peak: int, batch_size: int) -> dict:
+    totals = timed.sum(axis=1)
+    return {
+        "step": step,
+        "step_s": totals.mean(),
+        "fastest_s": totals.min(),
+        "images_per_s": batch_size / totals.mean(),
+        **timed.mean().to_dict(),
+        "peak_mb": peak / 2**20,
+    }
 
 
-def _launch_case(args: dict, processes: int, timeout_s: float) -> dict:
+def _launch_case(case: TrainCase, processes: int, timeout_s: float) -> dict:
     """One case in a fresh torchrun launch; its result, or a status saying why there is none."""
     command = [
         sys.executable,
@@ -276,12 +208,12 @@ def _launch_case(args: dict, processes: int, timeout_s: float) -> dict:
         f"--nproc_per_node={processes}",
         "-m",
         "bench.benchmarks.train_bench",
-        json.dumps(args),
+        case.to_json(),
     ]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": str(args["threads"]),
+        "OMP_NUM_THREADS": str(case.threads),
     }
     try:
         done = subprocess.run(
@@ -297,27 +229,9 @@ def _launch_case(args: dict, processes: int, timeout_s: float) -> dict:
 
 
 def run_train_bench(
-    backbone: str = "resnet18",
-    image_size: int = 64,
-    batch_size: int = 1024,
-    samples_per_class: int = 4,
-    chunk_size: int = 64,
-    loss: str = "smooth_ap",
-    embedding_dim: int = 128,
-    freeze_bn: bool = True,
-    processes: tuple[int, ...] = (1,),
-    steps: int = 3,
-    warmup: int = 1,
-    device: str = "cpu",
-    threads: int | None = None,
-    timeout_s: float = 1800.0,
+    setup: TrainSetup = TrainSetup(),
+    sweep: TrainSweep = TrainSweep(),
     progress: bool = True,
-    decodes: tuple[str, ...] = (MEMORY,),
-    modes: tuple[str, ...] = (PLAIN, CHUNKED),
-    jpeg_images: int = 512,
-    jpeg_side: int = 500,
-    workers: int | None = None,
-    amp: bool = True,
     any_device: bool = False,
 ) -> pd.DataFrame:
     """One row per (processes, input, plain or chunked step): step time and its split, images/s, peak memory,
@@ -327,46 +241,26 @@ def run_train_bench(
 
     from bench.data.device_decode import check_decode_device
 
-    if "gpu" in decodes:
-        check_decode_device("gpu", torch.device(device), any_device=any_device)
-    cores = os.cpu_count() or 1
-    for count in processes:
-        if batch_size // samples_per_class % count:
+    if "gpu" in sweep.decodes:
+        check_decode_device("gpu", torch.device(setup.device), any_device=any_device)
+    classes = setup.batch_size // setup.samples_per_class
+    for count in sweep.processes:
+        if classes % count:
             raise ValueError(
-                f"--nproc {count}: {batch_size // samples_per_class} classes per batch do not split by whole "
-                "classes over that many processes"
+                f"--nproc {count}: {classes} classes per batch do not split by whole classes over that many "
+                "processes"
             )
     rows = []
     with tempfile.TemporaryDirectory(prefix="train-bench-jpegs-") as folder:
-        if set(decodes) - {MEMORY}:
-            write_jpegs(Path(folder), jpeg_images, jpeg_side)
-        for count in processes:
-            for decode in decodes:
-                for mode in modes:
-                    chunk = chunk_size if mode == CHUNKED else None
-                    args = {
-                        "backbone": backbone,
-                        "image_size": image_size,
-                        "batch_size": batch_size,
-                        "samples_per_class": samples_per_class,
-                        "chunk_size": chunk,
-                        "loss": loss,
-                        "embedding_dim": embedding_dim,
-                        "freeze_bn": freeze_bn,
-                        "steps": steps,
-                        "warmup": warmup,
-                        "device": device,
-                        "threads": max(1, (threads or cores) // count),
-                        "decode": decode,
-                        "jpeg_dir": folder,
-                        "workers": max(1, (workers or cores) // count),
-                        "amp": amp,
-                    }
-                    row = {"processes": count, "decode": decode, "mode": mode, "chunk_size": chunk}
-                    row.update(batch_size=batch_size, **_launch_case(args, count, timeout_s))
-                    if progress:
-                        print(_format_row(row), file=sys.stderr, flush=True)
-                    rows.append(row)
+        if set(sweep.decodes) - {MEMORY}:
+            write_jpegs(Path(folder), sweep.jpeg_images, sweep.jpeg_side)
+        for count, decode, mode in product(sweep.processes, sweep.decodes, sweep.modes):
+            case = sweep.case(setup, count, decode, mode, folder)
+            row = {"processes": count, "decode": decode, "mode": mode, "chunk_size": case.chunk_size}
+            row.update(batch_size=setup.batch_size, **_launch_case(case, count, sweep.timeout_s))
+            if progress:
+                print(_format_row(row), file=sys.stderr, flush=True)
+            rows.append(row)
     return _with_ratios(pd.DataFrame(rows))
 
 
@@ -425,6 +319,6 @@ def format_table(table: pd.DataFrame) -> str:
 
 
 if __name__ == "__main__":  # one case, on each rank torchrun starts
-    result = _measure_case(**json.loads(sys.argv[1]))
+    result = measure_case(TrainCase.from_json(sys.argv[1]))
     if result is not None:
         print(json.dumps(result), flush=True)

@@ -17,6 +17,18 @@ def int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def name_list(*choices: str):
+    """An argparse type: `a,b` -> ("a", "b"), each one of `choices`, or an error listing them."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        picked = tuple(text.split(","))
+        if not set(picked) <= set(choices):
+            raise argparse.ArgumentTypeError(f"expected some of {','.join(choices)}, got {text!r}")
+        return picked
+
+    return parse
+
+
 def add_output(command, timeout_help: str) -> None:
     """`--json PATH` and `--timeout SECONDS`, which every bench command takes (for `bench gpu-check`)."""
     command.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
@@ -155,15 +167,6 @@ def add_train_bench(bench_commands) -> None:
     """`bench train`: the plain and the gradient-cached training step side by side, over process counts and
     inputs (in memory, JPEGs decoded on the CPU or on the GPU)."""
 
-    def names(*choices: str):
-        def parse(text: str) -> tuple[str, ...]:
-            picked = tuple(text.split(","))
-            if not set(picked) <= set(choices):
-                raise argparse.ArgumentTypeError(f"expected some of {','.join(choices)}, got {text!r}")
-            return picked
-
-        return parse
-
     train = bench_commands.add_parser(
         "train",
         help="images/s, its split and peak memory of training steps, plain and chunked, on 1..N processes",
@@ -175,6 +178,14 @@ def add_train_bench(bench_commands) -> None:
         "paper's recipe: --backbone resnet50 --image-size 224 --batch-size 384 --samples-per-class 4 "
         "--precision bf16 (see bench/benchmarks/train_bench.py for the full command).",
     )
+    _add_train_model_flags(train)
+    _add_train_case_flags(train)
+    add_output(train, "seconds per case, each in a fresh torchrun launch (default: 1800)")
+    train.set_defaults(handler=handlers.cmd_bench_train)
+
+
+def _add_train_model_flags(train) -> None:
+    """What `bench train` trains: the model, the batch, the chunked step's chunks, the loss."""
     train.add_argument("--backbone", default="resnet18", help="model.backbone (default: resnet18)")
     train.add_argument("--image-size", type=int, default=64, help="side of the images (default: 64)")
     train.add_argument("--batch-size", type=int, default=1024, help="global batch P x K (default: 1024)")
@@ -189,6 +200,10 @@ def add_train_bench(bench_commands) -> None:
         action="store_true",
         help="BatchNorm in training mode (default: frozen, the paper's recipe)",
     )
+
+
+def _add_train_case_flags(train) -> None:
+    """Which cases `bench train` runs (processes, inputs, steps) and how long each one times."""
     train.add_argument(
         "--nproc",
         type=int_list,
@@ -203,7 +218,7 @@ def add_train_bench(bench_commands) -> None:
     train.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     train.add_argument(
         "--decode",
-        type=names("memory", "cpu", "gpu"),
+        type=name_list("memory", "cpu", "gpu"),
         default=("memory",),
         help="comma-separated inputs, one row each: memory (a random batch already in memory), cpu or gpu "
         "(synthetic JPEGs through the DataLoader, data.decode cpu or gpu) (default: memory)",
@@ -221,7 +236,7 @@ def add_train_bench(bench_commands) -> None:
     )
     train.add_argument(
         "--modes",
-        type=names("plain", "chunked"),
+        type=name_list("plain", "chunked"),
         default=("plain", "chunked"),
         help="comma-separated steps to time: plain, chunked (default: both)",
     )
@@ -231,8 +246,6 @@ def add_train_bench(bench_commands) -> None:
         default="bf16",
         help="bf16 autocast (train.amp, CUDA only) or fp32 (default: bf16)",
     )
-    add_output(train, "seconds per case, each in a fresh torchrun launch (default: 1800)")
-    train.set_defaults(handler=handlers.cmd_bench_train)
 
 
 def add_gpu_check(bench_commands) -> None:

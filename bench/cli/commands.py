@@ -262,33 +262,37 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_loss(args: argparse.Namespace) -> int:
-    from bench.benchmarks.loss_bench import format_table, run_loss_bench
+    from bench.benchmarks.loss_bench import LossSweep, format_table, run_loss_bench
     from bench.benchmarks.output import write_json
     from bench.device import resolve_device
 
-    table = run_loss_bench(
+    sweep = LossSweep(
         batch_sizes=args.batch_sizes,
         samples_per_class=args.samples_per_class,
         dim=args.dim,
         device=resolve_device(args.device).type,
-        losses=args.losses.split(",") if args.losses else None,
+        losses=tuple(args.losses.split(",")) if args.losses else None,
         repeats=args.repeats,
         min_seconds=args.min_seconds,
         threads=args.threads,
         max_bbb_gb=args.max_bbb_gb,
         timeout_s=600.0 if args.timeout is None else args.timeout,
     )
+    table = run_loss_bench(sweep)
     print(format_table(table))
     write_json(args.json, table)
     return 0
 
 
 def cmd_bench_eval(args: argparse.Namespace) -> int:
-    from bench.benchmarks.eval_bench import format_table, run_eval_bench, run_memory_check
+    from dataclasses import replace
+
+    from bench.benchmarks.eval_bench import SOP_TEST, format_table, run_eval_bench, run_memory_check
     from bench.benchmarks.output import time_limit, write_json
 
+    data = replace(SOP_TEST, n=args.n, dim=args.dim, n_classes=args.classes)
     with time_limit(args.timeout):
-        result = run_eval_bench(n=args.n, dim=args.dim, n_classes=args.classes, backend=args.backend)
+        result = run_eval_bench(data, backend=args.backend)
         print(format_table(result))
         if args.memory_check:
             result["memory_check"] = run_memory_check(backend=args.backend)
@@ -349,7 +353,7 @@ def cmd_bench_epochs(args: argparse.Namespace) -> int:
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from bench.benchmarks.output import write_json
-    from bench.benchmarks.train_bench import format_table, run_train_bench
+    from bench.benchmarks.train_bench import TrainSetup, TrainSweep, format_table, run_train_bench
     from bench.config import ConfigError
     from bench.device import resolve_device
     from bench.train.distributed import world_size_from_env
@@ -358,28 +362,31 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         raise ConfigError(
             "`bench train` launches torchrun itself for each case: run it without torchrun, with --nproc N"
         )
-    table = run_train_bench(
+    setup = TrainSetup(
         backbone=args.backbone,
         image_size=args.image_size,
         batch_size=args.batch_size,
         samples_per_class=args.samples_per_class,
-        chunk_size=args.chunk_size,
         loss=args.loss,
         embedding_dim=args.embedding_dim,
         freeze_bn=not args.train_bn,
-        processes=args.nproc,
+        amp=args.precision == "bf16",
+        device=resolve_device(args.device).type,
         steps=args.steps,
         warmup=args.warmup,
-        device=resolve_device(args.device).type,
-        threads=args.threads,
-        timeout_s=1800.0 if args.timeout is None else args.timeout,
+    )
+    sweep = TrainSweep(
+        processes=args.nproc,
         decodes=args.decode,
         modes=args.modes,
+        chunk_size=args.chunk_size,
         jpeg_images=args.jpeg_images,
         jpeg_side=args.jpeg_side,
+        threads=args.threads,
         workers=args.workers,
-        amp=args.precision == "bf16",
+        timeout_s=1800.0 if args.timeout is None else args.timeout,
     )
+    table = run_train_bench(setup, sweep)
     print(format_table(table))
     write_json(args.json, table)
     return 0

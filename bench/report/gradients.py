@@ -28,26 +28,7 @@ def sigmoid_figure(
     x is a difference of similarities, s_j - s_i, in [-span, span]. The step's derivative is a Dirac delta
     at 0 (zero elsewhere): it is drawn as an arrow, as it has no finite value to plot.
     """
-    x = np.union1d(np.linspace(-span, span, points), np.linspace(-0.02 * span, 0.02 * span, points // 2 + 1))
-    rows = [
-        pd.DataFrame(
-            {
-                "curve": "step",
-                "temperature": np.nan,
-                "x": x,
-                "value": (x > 0).astype(float),
-                "derivative": 0.0,
-            }
-        )
-    ]
-    for t in temperatures:
-        s = 0.5 * (1.0 + np.tanh(x / (2.0 * t)))  # sigmoid without overflow
-        rows.append(
-            pd.DataFrame(
-                {"curve": f"T={t:g}", "temperature": t, "x": x, "value": s, "derivative": s * (1.0 - s) / t}
-            )
-        )
-    data = pd.concat(rows, ignore_index=True)
+    x, data = _sigmoid_curves(temperatures, span, points)
     colors = ["#fdae61", "#d7191c", "#2c7bb6", "#5e3c99"]
     with paper_style():
         fig = Figure(figsize=(DOUBLE_IN, 2.3), layout="constrained")
@@ -82,6 +63,33 @@ def sigmoid_figure(
             ax.set_xlim(-span, span)
             ax.grid(alpha=0.3)
     return fig, data
+
+
+def _sigmoid_curves(
+    temperatures: tuple[float, ...], span: float, points: int
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """The x grid (denser near 0, where the steep sigmoids turn) and each curve's value and derivative."""
+    x = np.union1d(np.linspace(-span, span, points), np.linspace(-0.02 * span, 0.02 * span, points // 2 + 1))
+    rows = [
+        pd.DataFrame(
+            {
+                "curve": "step",
+                "temperature": np.nan,
+                "x": x,
+                "value": (x > 0).astype(float),
+                "derivative": 0.0,
+            }
+        )
+    ]
+    for t in temperatures:
+        s = 0.5 * (1.0 + np.tanh(x / (2.0 * t)))  # sigmoid without overflow
+        rows.append(
+            pd.DataFrame(
+                {"curve": f"T={t:g}", "temperature": t, "x": x, "value": s, "derivative": s * (1.0 - s) / t}
+            )
+        )
+    data = pd.concat(rows, ignore_index=True)
+    return x, data
 
 
 def sample_batch(dataset, n_classes: int, per_class: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,6 +132,11 @@ def similarity_gradients(
     import losses
     from losses.introspect import similarity_gradients as per_pair
 
+    spec = losses.get_spec(loss_name)
+    if not spec.capabilities.similarity_form:
+        raise TypeError(
+            f"{spec.cls.__name__} has no forward_similarities(sims, labels); add one to use introspection"
+        )
     frame = per_pair(losses.get_loss(loss_name, **loss_params), _embed(model, images), labels)
     frame.insert(0, "state", state)
     frame.insert(0, "loss", loss_name)
@@ -154,45 +167,7 @@ def rank_gradient_figure(profile: pd.DataFrame, losses: list[str]) -> Figure:
         for r, loss in enumerate(losses):
             for c, state in enumerate(states):
                 ax = axes[r, c]
-                part = profile[(profile["loss"] == loss) & (profile["state"] == state)]
-                if part.empty:
-                    ax.text(
-                        0.5,
-                        0.5,
-                        "no checkpoint logged for this loss",
-                        transform=ax.transAxes,
-                        ha="center",
-                        va="center",
-                        color="0.35",
-                    )
-                    ax.set_yticks([])
-                elif not (part["mean_abs_grad"] > 0).any():
-                    ax.text(
-                        0.5,
-                        0.5,
-                        "dL/ds = 0 for every pair of this batch",
-                        transform=ax.transAxes,
-                        ha="center",
-                        va="center",
-                        color="0.35",
-                    )
-                else:
-                    for positive, style in ((True, "-"), (False, "--")):
-                        side = part[part["is_positive"] == positive]
-                        ax.plot(
-                            side["rank"],
-                            side["mean_abs_grad"],
-                            style,
-                            linewidth=1.1,
-                            color=loss_color(loss) if positive else "0.3",
-                        )
-                    positive_values = part["mean_abs_grad"][part["mean_abs_grad"] > 0]
-                    top = positive_values.max()
-                    ax.set_yscale("log", nonpositive="mask")
-                    # at least two decades, so every panel has labelled decade ticks and no crowded minor
-                    # labels
-                    ax.set_ylim(min(positive_values.min(), top / 100) / 1.5, top * 1.5)
-                    ax.yaxis.set_minor_formatter(NullFormatter())
+                _rank_panel(ax, profile[(profile["loss"] == loss) & (profile["state"] == state)], loss)
                 if log_x:
                     ax.set_xscale("log")
                 ax.set_title(f"{display_name(loss)}, {state} model", loc="left")
@@ -208,6 +183,36 @@ def rank_gradient_figure(profile: pd.DataFrame, losses: list[str]) -> Figure:
             frameon=False,
         )
     return fig
+
+
+def _rank_panel(ax, part: pd.DataFrame, loss: str) -> None:
+    """One panel's curves: mean |dL/ds| against rank, or a note saying why there are none."""
+    if part.empty:
+        _note(ax, "no checkpoint logged for this loss")
+        ax.set_yticks([])
+    elif not (part["mean_abs_grad"] > 0).any():
+        _note(ax, "dL/ds = 0 for every pair of this batch")
+    else:
+        for positive, style in ((True, "-"), (False, "--")):
+            side = part[part["is_positive"] == positive]
+            ax.plot(
+                side["rank"],
+                side["mean_abs_grad"],
+                style,
+                linewidth=1.1,
+                color=loss_color(loss) if positive else "0.3",
+            )
+        positive_values = part["mean_abs_grad"][part["mean_abs_grad"] > 0]
+        top = positive_values.max()
+        ax.set_yscale("log", nonpositive="mask")
+        # at least two decades, so every panel has labelled decade ticks and no crowded minor labels
+        ax.set_ylim(min(positive_values.min(), top / 100) / 1.5, top * 1.5)
+        ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _note(ax, text: str) -> None:
+    """A grey note in the middle of an empty panel."""
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.35")
 
 
 def grad_norm_figure(histories: pd.DataFrame) -> tuple[Figure, pd.DataFrame]:

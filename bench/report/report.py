@@ -18,7 +18,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from bench import layout
-from bench.report import cost, figures, gradients, receipt, runs, significance, tables
+from bench.report import cost, figures, gradients, receipt, retrieval_figure, runs, significance, tables
 from bench.report.edges import edge_frame, edge_notes
 from bench.report.runs import REFERENCE_LOSS, open_store
 from bench.tracking import Tracker
@@ -190,7 +190,7 @@ def retrieval_from_runs(
         loss = REFERENCE_LOSS if REFERENCE_LOSS in checkpoints else sorted(checkpoints)[0]
         model, exp = model_from_checkpoint(checkpoints[loss])
     split = next(s for s in load_dataset(exp.data).tests if s.name == "test")
-    fig, data = figures.retrieval_examples(model, split, n_queries=queries, device=device)
+    fig, data = retrieval_figure.retrieval_examples(model, split, n_queries=queries, device=device)
     data.insert(0, "loss", loss)
     return fig, data
 

@@ -9,18 +9,18 @@ How a run is split, and why the result is the single-process run on the same glo
   its share of whole classes (`bench.data.samplers.RankShare`), so every share is class-complete; each image
   keeps the augmentation seed it has in a single process (`bench.data.seeding`).
 - The model is wrapped in DistributedDataParallel, which averages the ranks' parameter gradients.
-- Every loss sees the whole global batch (`bench.train.steps.compute_loss`). A loss that splits by query
-  (`splits_by_query`, Smooth-AP) takes its own queries against the gathered batch, gathered with autograd:
-  the local block stays live and the gradients every rank's loss sends to it are summed back to it. A rank's
-  loss is a mean over its own counted queries (those with another item of their label among the items), and
-  ranks may count different numbers (with K = 1 a query's only positives sit in the memory), so rank r's loss
-  weighs n_r / n (n the global count): the weighted sum is the global loss, and its gradient, scaled by
-  N n_r / n (exactly 1 when the counts are equal), reaches the local block as N times the global loss's. Any
-  other loss computes the global loss on every rank from the gathered batch, in which only the local block is
-  live; its gradient is multiplied by N on the way back to the local block. Either way the factor N
-  compensates DDP's averaging (the factor missing in pytorch-metric-learning's issue #363). It is applied to
-  gradients, never to a loss: a blackbox-differentiated loss (Blackbox AP) is not linear in the gradient it
-  receives, so every rank's loss gets the single-process output gradient, 1.
+- Every loss sees the whole global batch (`bench.train.batch_loss.GlobalBatch`). A loss that splits by query
+  (`splits_by_query` on its spec, Smooth-AP) takes its own queries against the gathered batch, gathered with
+  autograd: the local block stays live and the gradients every rank's loss sends to it are summed back to it.
+  A rank's loss is a mean over its own counted queries (those with another item of their label among the
+  items), and ranks may count different numbers (with K = 1 a query's only positives sit in the memory), so
+  rank r's loss weighs n_r / n (n the global count): the weighted sum is the global loss, and its gradient,
+  scaled by N n_r / n (exactly 1 when the counts are equal), reaches the local block as N times the global
+  loss's. Any other loss computes the global loss on every rank from the gathered batch, in which only the
+  local block is live; its gradient is multiplied by N on the way back to the local block. Either way the
+  factor N compensates DDP's averaging (the factor missing in pytorch-metric-learning's issue #363). It is
+  applied to gradients, never to a loss: a blackbox-differentiated loss (Blackbox AP) is not linear in the
+  gradient it receives, so every rank's loss gets the single-process output gradient, 1.
 - Exact in exact arithmetic, equal to rounding in float32: in float64 the N-process run's weights are the
   single-process run's to about 1e-13. In float32 the split form sums dL/dE in another order than the square
   form (its rows times the gathered batch, plus the columns' part summed over ranks, against one matmul

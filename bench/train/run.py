@@ -19,6 +19,7 @@ from bench.data.samplers import PKSampler, RankShare
 from bench.data.seeding import SeededBatches
 from bench.device import resolve_device
 from bench.models import build_model, parameter_groups
+from bench.train.batch_loss import batch_loss
 from bench.train.checkpoint import (
     CheckpointError,
     default_checkpoint_path,
@@ -38,7 +39,7 @@ from bench.train.hooks import (
 )
 from bench.train.memory import CrossBatchMemory
 from bench.train.resume import CHANGES_TAG, Change, config_changes, describe
-from bench.train.steps import CachedStep, PlainStep, accepts_ref_items, warn_if_chunks_change_batchnorm
+from bench.train.steps import StepSettings, build_step, warn_if_chunks_change_batchnorm
 from bench.train.trainer import Trainer
 from bench.vocabulary import STAGE, Stage
 
@@ -95,15 +96,10 @@ def train_and_evaluate(
         trainer.restore(state)
         _continue_with_changes(trainer, start, tracker, in_channels, main)
     resumed = state is not None
-    hooks: list[Hook] = [EvaluationHook(evaluate_test), CheckpointHook(checkpoint_path, in_channels, resumed)]
-    if tracker is not None:
-        hooks.append(TrackingHook(tracker, resumed, checkpoint_path))
-        hooks.append(FairnessHook(tracker))
-    if progress:
-        hooks.append(ProgressHook())
-    if epoch_callback is not None:
-        hooks.append(PruningHook(epoch_callback))
-    trainer.hooks = hooks if main else []
+    if main:  # the other ranks only train
+        trainer.hooks = _hooks(
+            checkpoint_path, in_channels, resumed, tracker, evaluate_test, progress, epoch_callback
+        )
     try:
         if tracker is None:
             trainer.train()
@@ -119,6 +115,28 @@ def train_and_evaluate(
     except KeyboardInterrupt as interrupt:
         raise KeyboardInterrupt(f"resume with --resume (checkpoint {checkpoint_path})") from interrupt
     return RunResult(trainer.run_id, checkpoint_path, exp.train.epochs, trainer.history, trainer.test_metrics)
+
+
+def _hooks(
+    checkpoint_path: Path,
+    in_channels: int,
+    resumed: bool,
+    tracker: Tracker | None,
+    evaluate_test: bool,
+    progress: bool,
+    epoch_callback: EpochCallback | None,
+) -> list[Hook]:
+    """What runs around the loop: evaluation and checkpoints always, tracking, progress and pruning when
+    asked for, in the order they are called."""
+    hooks: list[Hook] = [EvaluationHook(evaluate_test), CheckpointHook(checkpoint_path, in_channels, resumed)]
+    if tracker is not None:
+        hooks.append(TrackingHook(tracker, resumed, checkpoint_path))
+        hooks.append(FairnessHook(tracker))
+    if progress:
+        hooks.append(ProgressHook())
+    if epoch_callback is not None:
+        hooks.append(PruningHook(epoch_callback))
+    return hooks
 
 
 @dataclass
@@ -199,7 +217,8 @@ def build_trainer(
     dist: Distributed | None = None,
 ) -> tuple[Trainer, int]:
     """Model, optimizer, schedule, the P x K loader, the step and the cross-batch memory of `exp`, seeded by
-    `train.seed`; and the input channels. Under torchrun (`dist`) the model is wrapped in DDP and the loader
+    `train.seed`; and the input channels. `loss_fn` is the loss `exp.loss` names: the step composes with
+    what that loss's spec says it can do. Under torchrun (`dist`) the model is wrapped in DDP and the loader
     gives this rank's share of each global batch."""
     set_decode(bundle, exp.data.decode)
     sample_image, _ = bundle.train[0]
@@ -207,9 +226,10 @@ def build_trainer(
     model = build_model(exp.model, in_channels, exp.train.seed).to(dev)
     if exp.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    spec = losses.get_spec(exp.loss.name)  # what the loss can do; `loss_fn` is one built from it
     network = None
     if dist is not None:
-        if list(loss_fn.parameters()):
+        if spec.capabilities.has_parameters:
             raise ConfigError(
                 f"loss {exp.loss.name!r} has parameters: under torchrun only the model's gradients are "
                 "synchronised, so train it in one process"
@@ -217,7 +237,7 @@ def build_trainer(
         network = dist.wrap(model, exp.train.sync_bn)
     loss_fn = loss_fn.to(dev)
     groups = parameter_groups(model, exp.optim.lr, exp.optim.head_lr)
-    if list(loss_fn.parameters()):
+    if spec.capabilities.has_parameters:
         groups.append(
             {"params": list(loss_fn.parameters()), "lr": exp.optim.head_lr or exp.optim.lr, "name": "loss"}
         )
@@ -237,21 +257,22 @@ def build_trainer(
         pin_memory=dev.type == "cuda",
         persistent_workers=False,
     )
-    step = CachedStep(exp.train.chunk_size) if exp.train.chunk_size else PlainStep()
+    memory = cross_batch_memory(exp, spec)
+    loss = batch_loss(loss_fn, spec.capabilities.splits_by_query, dist, memory)
+    step = build_step(StepSettings.of(exp, dev), loss, exp.train.chunk_size)
     if dist is None or dist.is_main:
         warn_if_chunks_change_batchnorm(model, exp.train.chunk_size)
-    trainer = Trainer(exp, model, loss_fn, optimizer, scheduler, sampler, loader, bundle, dev, step)
-    trainer.network, trainer.dist, trainer.memory = network, dist, cross_batch_memory(exp, loss_fn)
-    return trainer, in_channels
+    parts = (exp, model, loss_fn, optimizer, scheduler, sampler, loader, bundle, dev, step)
+    return Trainer(*parts, network=network, dist=dist, memory=memory), in_channels
 
 
-def cross_batch_memory(exp: Experiment, loss_fn: torch.nn.Module) -> CrossBatchMemory | None:
+def cross_batch_memory(exp: Experiment, spec: losses.LossSpec) -> CrossBatchMemory | None:
     """The memory `loss.memory_size` asks for, if any; the loss must take the queries x gallery form."""
     if not exp.loss.memory_size:
         return None
-    if not accepts_ref_items(loss_fn):
+    if not spec.capabilities.refs_form:
         raise ConfigError(
-            f"loss.memory_size: loss {exp.loss.name!r} ({type(loss_fn).__name__}) has no queries x gallery "
+            f"loss.memory_size: loss {exp.loss.name!r} ({spec.cls.__name__}) has no queries x gallery "
             "form, forward(embeddings, labels, ref_embeddings, ref_labels, query_offset) (losses._refs)"
         )
     return CrossBatchMemory(exp.loss.memory_size, exp.loss.memory_start_step)

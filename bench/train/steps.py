@@ -10,171 +10,157 @@ statistics are those of the first pass only: the replay would update them a seco
 chunks. On the device the batch is held once, in its plain layout; each chunk goes to channels_last
 (`train.channels_last`) as it is embedded, so no second full-batch copy exists.
 
-Both take the loss through `compute_loss`, which adds the global batch under torchrun
-(`bench.train.distributed`) and the cross-batch memory (`bench.train.memory`), so the three compose.
+A step is built with its own settings (`StepSettings`, read from the config once) and its loss
+(`bench.train.batch_loss.BatchLoss`, which composes the global batch under torchrun and the cross-batch
+memory as strategies), so it reads nothing else of the run's config and either step composes with both.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from bench.train.distributed import counted_queries, scale_gradient
+from bench.config import Experiment
+from bench.train.batch_loss import BatchLoss, LossTerms
 from bench.train.trainer import NonFiniteLossError, StepResult
 
 if TYPE_CHECKING:
     from bench.train.trainer import Trainer
 
 
-@dataclass
-class LossTerms:
-    """One process's part of a step's loss."""
+@dataclass(frozen=True)
+class StepSettings:
+    """What a step takes from the run's config, resolved for its device when the step is built."""
 
-    backward: Tensor  # what this process backpropagates
-    value: float  # the loss of the whole (global) batch
-    grad_scale: float  # this process's dL/dE comes out as grad_scale times the global batch's
+    device: torch.device
+    amp: bool  # bf16 autocast: `train.amp`, on CUDA only
+    channels_last: bool  # images in NHWC: `train.channels_last`
+    grad_clip: float | None
+    loss_name: str  # for a diverging run's message, with the two below
+    lr: float
+    loss_params: dict[str, Any]
 
-
-def compute_loss(trainer: Trainer, embeddings: Tensor, labels: Tensor) -> LossTerms:
-    """The loss of this step's embeddings: of the batch alone, or of its queries against the batch and the
-    cross-batch memory; under torchrun, of the global batch (see `bench.train.distributed`)."""
-    loss_fn, dist, memory = trainer.loss_fn, trainer.dist, trainer.memory
-    batch, batch_labels = embeddings, labels
-    splits, offset = False, 0
-    if dist is not None:
-        splits = getattr(loss_fn, "splits_by_query", False)
-        if not splits:  # every rank backpropagates the global loss into its own block only
-            embeddings = scale_gradient(embeddings, dist.world_size)
-        batch = dist.gather(embeddings, sum_back=splits)
-        batch_labels = dist.gather(labels, sum_back=False)
-        if splits:  # this rank's queries, against the global batch
-            offset = dist.rank * labels.numel()
-        else:  # the global loss, on every rank
-            embeddings, labels = batch, batch_labels
-        dist.share_random_state()
-    use_memory = memory is not None and memory.active(trainer.global_step)
-    items, item_labels = memory.with_batch(batch, batch_labels) if use_memory else (batch, batch_labels)
-    if items is embeddings:  # the batch against itself: the square form
-        loss = loss_fn(embeddings, labels)
-    else:
-        loss = loss_fn(embeddings, labels, items, item_labels, query_offset=offset)
-    if use_memory:
-        memory.push(batch, batch_labels)
-    if dist is None:
-        return LossTerms(loss, float(loss.detach()), 1.0)
-    if not splits:
-        return LossTerms(loss, float(loss.detach()), float(dist.world_size))
-    # split: each rank's loss is a mean over its own counted queries; weighed by its share of them, the
-    # ranks' losses sum to the global loss, and the summed-back gradients to N times its gradient
-    counted = counted_queries(labels, item_labels)
-    total = dist.total_count(counted)
-    if not total:  # no query anywhere has a positive: every rank's loss is a zero
-        return LossTerms(loss, 0.0, float(dist.world_size))
-    value = float(dist.sum(loss.detach() * counted)) / total
-    return LossTerms(scale_gradient(loss, dist.world_size * counted / total), value, float(dist.world_size))
-
-
-def global_grad_norm(trainer: Trainer, grad: Tensor | None, terms: LossTerms) -> float:
-    """The norm of dL/dE over the whole (global) batch, from this process's rows."""
-    if grad is None:
-        return 0.0
-    if trainer.dist is None:
-        return float(grad.norm())
-    return float(trainer.dist.sum(grad.double().pow(2).sum()).sqrt()) / terms.grad_scale
-
-
-def accepts_ref_items(loss_fn: nn.Module) -> bool:
-    """Whether `loss_fn` takes the queries x gallery form (`losses._refs`), or passes keywords on."""
-    parameters = inspect.signature(loss_fn.forward).parameters
-    passes_on = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    return passes_on or ("ref_embeddings" in parameters and "query_offset" in parameters)
-
-
-class PlainStep:
-    """Embed the whole batch with a graph, compute the loss, backpropagate, update."""
-
-    def __call__(self, trainer: Trainer, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
-        images, labels = to_device(trainer, images, labels)
-        with autocast(trainer):
-            embeddings = trainer.forward_model(images)
-        embeddings.retain_grad()
-        terms = compute_loss(trainer, embeddings.float(), labels)
-        check_finite(terms.value, trainer)
-        trainer.optimizer.zero_grad(set_to_none=True)
-        terms.backward.backward()
-        update(trainer)
-        return StepResult(
-            terms.value, global_grad_norm(trainer, embeddings.grad, terms), images_seen(trainer, labels)
+    @classmethod
+    def of(cls, exp: Experiment, device: torch.device) -> StepSettings:
+        """The settings of `exp` on `device`: amp applies on CUDA only, as the config says."""
+        cuda = device.type == "cuda"
+        train = exp.train
+        return cls(
+            device,
+            cuda and train.amp,
+            train.channels_last,
+            train.grad_clip,
+            exp.loss.name,
+            exp.optim.lr,
+            exp.loss.params,
         )
 
 
-class CachedStep:
+def build_step(settings: StepSettings, loss: BatchLoss, chunk_size: int | None) -> PlainStep | CachedStep:
+    """The gradient-cached step with `train.chunk_size`, else the plain one."""
+    return CachedStep(settings, loss, chunk_size) if chunk_size else PlainStep(settings, loss)
+
+
+class _Step:
+    """What both steps share: their settings, their loss, and the parts of a step around the forward."""
+
+    def __init__(self, settings: StepSettings, loss: BatchLoss) -> None:
+        self.settings, self.loss = settings, loss
+
+    def to_device(
+        self, images: Tensor, labels: Tensor, whole_batch_layout: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """The batch on the step's device; an EncodedBatch (`data.decode: gpu`) is decoded and augmented
+        there by its `.to` (`bench.data.device_decode`). With `whole_batch_layout` the images are in the
+        model's memory layout (`in_layout`), a host tensor copied straight into it; else the caller lays out
+        each chunk."""
+        dev = self.settings.device
+        labels = labels.to(dev, non_blocking=True)
+        if whole_batch_layout and isinstance(images, Tensor) and self.settings.channels_last:
+            return images.to(dev, non_blocking=True, memory_format=torch.channels_last), labels
+        images = images.to(dev, non_blocking=True)
+        return (self.in_layout(images) if whole_batch_layout else images), labels
+
+    def in_layout(self, images: Tensor) -> Tensor:
+        """`images` in the model's memory layout: channels_last with `train.channels_last`."""
+        return images.contiguous(memory_format=torch.channels_last) if self.settings.channels_last else images
+
+    def autocast(self) -> torch.autocast:
+        dev = self.settings.device
+        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.settings.amp)
+
+    def loss_terms(self, trainer: Trainer, embeddings: Tensor, labels: Tensor) -> LossTerms:
+        """The step's loss terms, a diverging run stopped at the step it diverges."""
+        terms = self.loss(embeddings, labels, trainer.global_step)
+        check_finite(terms.value, self.settings, trainer)
+        return terms
+
+    def update(self, trainer: Trainer) -> None:
+        if self.settings.grad_clip:
+            torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), self.settings.grad_clip)
+        trainer.optimizer.step()
+
+    def result(self, terms: LossTerms, grad: Tensor | None, labels: Tensor) -> StepResult:
+        return StepResult(terms.value, self.loss.grad_norm(grad, terms), self.loss.images(labels))
+
+
+class PlainStep(_Step):
+    """Embed the whole batch with a graph, compute the loss, backpropagate, update."""
+
+    def __call__(self, trainer: Trainer, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
+        images, labels = self.to_device(images, labels)
+        with self.autocast():
+            embeddings = trainer.forward_model(images)
+        embeddings.retain_grad()
+        terms = self.loss_terms(trainer, embeddings.float(), labels)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        terms.backward.backward()
+        self.update(trainer)
+        return self.result(terms, embeddings.grad, labels)
+
+
+class CachedStep(_Step):
     """Gradient caching: chunks of `chunk_size` embedded without a graph, loss and dL/dE on the whole batch,
     then each chunk re-embedded with a graph (random state restored) and backpropagated from its rows."""
 
-    def __init__(self, chunk_size: int) -> None:
+    def __init__(self, settings: StepSettings, loss: BatchLoss, chunk_size: int) -> None:
+        super().__init__(settings, loss)
         self.chunk_size = chunk_size
 
     def __call__(self, trainer: Trainer, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
-        images, labels = to_device(trainer, images, labels, whole_batch_layout=False)
+        dev = self.settings.device
+        images, labels = self.to_device(images, labels, whole_batch_layout=False)
         chunks = images.split(self.chunk_size)
         states, parts = [], []
         with torch.no_grad():
             for chunk in chunks:
-                states.append(random_state(trainer.device))
-                with autocast(trainer):
-                    parts.append(trainer.forward_model(in_layout(trainer, chunk)).float())
+                states.append(random_state(dev))
+                with self.autocast():
+                    parts.append(trainer.forward_model(self.in_layout(chunk)).float())
         first_pass_stats = batchnorm_statistics(trainer.model)
         embeddings = torch.cat(parts).requires_grad_(True)
-        terms = compute_loss(trainer, embeddings, labels)
-        check_finite(terms.value, trainer)
+        terms = self.loss_terms(trainer, embeddings, labels)
         trainer.optimizer.zero_grad(set_to_none=True)
         terms.backward.backward()
-        after_loss = random_state(trainer.device)
+        after_loss = random_state(dev)
         grad = embeddings.grad if embeddings.grad is not None else torch.zeros_like(embeddings)
         chunk_grads = grad.split(self.chunk_size)
         for index, (chunk, state, chunk_grad) in enumerate(zip(chunks, states, chunk_grads, strict=True)):
-            set_random_state(trainer.device, state)
+            set_random_state(dev, state)
             with gradient_sync(trainer, last=index == len(chunks) - 1):
-                with autocast(trainer):
-                    replayed = trainer.forward_model(in_layout(trainer, chunk))
+                with self.autocast():
+                    replayed = trainer.forward_model(self.in_layout(chunk))
                 replayed.float().backward(chunk_grad)
-        set_random_state(trainer.device, after_loss)
+        set_random_state(dev, after_loss)
         restore_batchnorm_statistics(trainer.model, first_pass_stats)
-        update(trainer)
-        return StepResult(
-            terms.value, global_grad_norm(trainer, embeddings.grad, terms), images_seen(trainer, labels)
-        )
-
-
-def to_device(
-    trainer: Trainer, images: Tensor, labels: Tensor, whole_batch_layout: bool = True
-) -> tuple[Tensor, Tensor]:
-    """The batch on the trainer's device; an EncodedBatch (`data.decode: gpu`) is decoded and augmented there
-    by its `.to` (`bench.data.device_decode`). With `whole_batch_layout` the images are in the model's memory
-    layout (`in_layout`), a host tensor copied straight into it; else the caller lays out each chunk."""
-    dev = trainer.device
-    labels = labels.to(dev, non_blocking=True)
-    if whole_batch_layout and isinstance(images, Tensor) and channels_last(trainer):
-        return images.to(dev, non_blocking=True, memory_format=torch.channels_last), labels
-    images = images.to(dev, non_blocking=True)
-    return (in_layout(trainer, images) if whole_batch_layout else images), labels
-
-
-def channels_last(trainer: Trainer) -> bool:
-    return trainer.exp.train.channels_last
-
-
-def in_layout(trainer: Trainer, images: Tensor) -> Tensor:
-    """`images` in the model's memory layout: channels_last with `train.channels_last`."""
-    return images.contiguous(memory_format=torch.channels_last) if channels_last(trainer) else images
+        self.update(trainer)
+        return self.result(terms, embeddings.grad, labels)
 
 
 def batchnorm_statistics(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
@@ -192,30 +178,12 @@ def restore_batchnorm_statistics(model: nn.Module, saved: list[tuple[Tensor, Ten
         buffer.copy_(copy)
 
 
-def autocast(trainer: Trainer) -> torch.autocast:
-    dev = trainer.device
-    return torch.autocast(
-        dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda" and trainer.exp.train.amp
-    )
-
-
 def gradient_sync(trainer: Trainer, last: bool):
     """DDP all-reduces the gradients once, on the last chunk's backward; the others accumulate locally."""
     network = trainer.network
     if last or not isinstance(network, nn.parallel.DistributedDataParallel):
         return nullcontext()
     return network.no_sync()
-
-
-def update(trainer: Trainer) -> None:
-    if trainer.exp.train.grad_clip:
-        torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.exp.train.grad_clip)
-    trainer.optimizer.step()
-
-
-def images_seen(trainer: Trainer, labels: Tensor) -> int:
-    """Images of the global batch (each rank embeds its share)."""
-    return labels.numel() * (trainer.dist.world_size if trainer.dist is not None else 1)
 
 
 def random_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -242,11 +210,11 @@ def warn_if_chunks_change_batchnorm(model: nn.Module, chunk_size: int | None) ->
         )
 
 
-def check_finite(value: float, trainer: Trainer) -> None:
+def check_finite(value: float, settings: StepSettings, trainer: Trainer) -> None:
     """Stop a diverging run at the step it diverges, saying where and what to change."""
     if not math.isfinite(value):
-        exp = trainer.exp
+        where = f"epoch {trainer.epoch + 1}, batch {trainer.batch + 1}"
         raise NonFiniteLossError(
-            f"loss {exp.loss.name} became {value} at epoch {trainer.epoch + 1}, batch {trainer.batch + 1}; "
-            f"lower optim.lr (now {exp.optim.lr}) or check the loss parameters {exp.loss.params}"
+            f"loss {settings.loss_name} became {value} at {where}; "
+            f"lower optim.lr (now {settings.lr}) or check the loss parameters {settings.loss_params}"
         )

@@ -118,7 +118,7 @@ class Trainer:
     test_metrics: dict[str, float] = field(default_factory=dict)
     network: torch.nn.Module | None = None  # what steps embed with: the DDP wrapper under torchrun
     dist: Distributed | None = None  # this process's place in a torchrun launch; None: one process
-    memory: CrossBatchMemory | None = None  # the cross-batch memory (`loss.memory_size`)
+    memory: CrossBatchMemory | None = None  # the cross-batch memory (`loss.memory_size`), checkpointed here
 
     @property
     def forward_model(self) -> torch.nn.Module:

@@ -70,53 +70,83 @@ def run_finals(
     widened study, and the final runs of its original study are tagged `superseded_by` (the report leaves
     them out).
     """
-    exp, study = job.exp, job.study_name
-    name = study or loss_study_name(for_loss(exp, loss))
-    if tracker is not None and study is None and name != study_name(exp.name, loss):
+    exp = job.exp
+    name = job.study_name or loss_study_name(for_loss(exp, loss))
+    if tracker is not None and job.study_name is None and name != study_name(exp.name, loss):
         for old in tracker.find_runs(tags={STAGE: Stage.FINAL, STUDY: study_name(exp.name, loss)}):
             tracker.set_tags(old.info.run_id, {SUPERSEDED_BY: name})
+    plan = _plan(job, loss, name, tracker)
+    bundle = bundle or load_dataset(exp.data)
+    results = []
+    for seed in seeds if seeds is not None else final_seeds(exp):
+        done = (
+            None
+            if tracker is None
+            else tracker.find_run(tags=plan.tags, params={"seed": seed}, status="FINISHED")
+        )
+        if done is not None:
+            results.append(FinalRun(loss, seed, done.info.run_id, dict(done.data.metrics), True))
+        else:
+            results.append(_train_final(job, plan, seed, tracker, bundle, log))
+    return results
+
+
+@dataclass(frozen=True)
+class _FinalPlan:
+    """What the final runs of one loss share: the best trial's config, where they are checkpointed and how
+    they are tagged."""
+
+    loss: str
+    base: Experiment
+    checkpoint_dir: str
+    tags: dict[str, str]
+    parent_run_id: str | None
+
+
+def _plan(job: TuneJob, loss: str, name: str, tracker: Tracker | None) -> _FinalPlan:
+    """The plan of study `name`'s best trial; its parent MLflow run where the tracker still has it."""
+    exp = job.exp
     loaded = optuna.load_study(study_name=name, storage=open_storage(job.storage))
     best = best_trial(loaded)
     base = with_overrides(for_loss(exp, loss), best.user_attrs["overrides"])
     parent = loaded.user_attrs.get(PARENT_RUN_ATTR)
     parent = parent if tracker is not None and tracker.has_run(parent) else None
-    bundle = bundle or load_dataset(exp.data)
+    checkpoint_dir = str(layout.final_dir(exp.train.checkpoint_dir, name, best.number))
     tags = {STAGE: Stage.FINAL, STUDY: name, BEST_TRIAL: str(best.number)}
-    results = []
-    for seed in seeds if seeds is not None else final_seeds(exp):
-        done = (
-            None if tracker is None else tracker.find_run(tags=tags, params={"seed": seed}, status="FINISHED")
+    return _FinalPlan(loss, base, checkpoint_dir, tags, parent)
+
+
+def _train_final(
+    job: TuneJob, plan: _FinalPlan, seed: int, tracker: Tracker | None, bundle: DatasetBundle, log: Log | None
+) -> FinalRun:
+    """Train and test one final seed (resuming an interrupted one), and say how it did."""
+    exp, loss = job.exp, plan.loss
+    fexp = with_overrides(
+        plan.base,
+        {
+            "train.seed": seed,
+            "train.epochs": exp.tune.final_epochs or exp.train.epochs,
+            "train.checkpoint_dir": plan.checkpoint_dir,
+        },
+    )
+    started = time.perf_counter()
+    result = train_and_evaluate(
+        fexp,
+        tracker,
+        device=job.device,
+        resume=holds_unfinished_run(default_checkpoint_path(fexp)),
+        evaluate_test=True,
+        run_name=f"{loss}-final-seed{seed}",
+        tags=plan.tags,
+        parent_run_id=plan.parent_run_id,
+        bundle=bundle,
+        progress=False,
+    )
+    if log:
+        metrics = result.test_metrics
+        log(
+            f"[final] {loss:<16} seed {seed}: test MAP@R {metrics.get(TEST_MAP_AT_R, float('nan')):.4f}"
+            f" | R@1 {metrics.get(TEST_RECALL_AT_1, float('nan')):.4f} | "
+            f"{format_seconds(time.perf_counter() - started)}"
         )
-        if done is not None:
-            results.append(FinalRun(loss, seed, done.info.run_id, dict(done.data.metrics), True))
-            continue
-        fexp = with_overrides(
-            base,
-            {
-                "train.seed": seed,
-                "train.epochs": exp.tune.final_epochs or exp.train.epochs,
-                "train.checkpoint_dir": str(layout.final_dir(exp.train.checkpoint_dir, name, best.number)),
-            },
-        )
-        started = time.perf_counter()
-        result = train_and_evaluate(
-            fexp,
-            tracker,
-            device=job.device,
-            resume=holds_unfinished_run(default_checkpoint_path(fexp)),
-            evaluate_test=True,
-            run_name=f"{loss}-final-seed{seed}",
-            tags=tags,
-            parent_run_id=parent,
-            bundle=bundle,
-            progress=False,
-        )
-        results.append(FinalRun(loss, seed, result.run_id, result.test_metrics, False))
-        if log:
-            metrics = result.test_metrics
-            log(
-                f"[final] {loss:<16} seed {seed}: test MAP@R {metrics.get(TEST_MAP_AT_R, float('nan')):.4f}"
-                f" | R@1 {metrics.get(TEST_RECALL_AT_1, float('nan')):.4f} | "
-                f"{format_seconds(time.perf_counter() - started)}"
-            )
-    return results
+    return FinalRun(loss, seed, result.run_id, result.test_metrics, False)

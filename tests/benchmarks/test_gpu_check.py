@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from bench.benchmarks.gpu_check import Figure, Stage, run_gpu_check, stages
+from bench.benchmarks.gpu_check import run_gpu_check
+from bench.benchmarks.gpu_stages import Figure, Stage, stages
 from bench.benchmarks.output import BenchTimeout, time_limit
 from bench.cli import build_parser, main
 

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bench.benchmarks.loss_bench import format_table, released_smooth_ap, run_loss_bench
+from bench.benchmarks.loss_bench import LossSweep, format_table, released_smooth_ap, run_loss_bench
 from losses.smooth_ap import SmoothAP
 
 
@@ -22,16 +22,16 @@ def test_released_algorithm_equals_ours_with_self():
 
 
 def test_bench_table_has_ratios_and_skips_what_does_not_fit():
-    table = run_loss_bench(
+    sweep = LossSweep(
         batch_sizes=(16,),
         dim=8,
-        losses=["smooth_ap", "smooth_ap_bbb"],
+        losses=("smooth_ap", "smooth_ap_bbb"),
         repeats=2,
         min_seconds=0.05,
         threads=1,
         max_bbb_gb=1e-6,
-        progress=False,
     )
+    table = run_loss_bench(sweep, progress=False)
     ours = table.set_index("loss").loc["smooth_ap"]
     assert ours["status"] == "ok" and ours["time_ms"] > 0 and ours["time_x_ours"] == 1.0
     # timed until both the pass count and the 50 ms budget are met: two passes only if they took 50 ms
@@ -42,15 +42,15 @@ def test_bench_table_has_ratios_and_skips_what_does_not_fit():
 
 
 def test_backend_rows_run_ours_with_that_backend_and_count_sigmoids():
-    table = run_loss_bench(
+    sweep = LossSweep(
         batch_sizes=(16,),
         dim=8,
-        losses=["smooth_ap", "smooth_ap_torch", "smooth_ap_triton", "triplet"],
+        losses=("smooth_ap", "smooth_ap_torch", "smooth_ap_triton", "triplet"),
         repeats=2,
         min_seconds=0.05,
         threads=1,
-        progress=False,
-    ).set_index("loss")
+    )
+    table = run_loss_bench(sweep, progress=False).set_index("loss")
     assert table.loc["smooth_ap_torch", "status"] == "ok"
     assert table.loc["smooth_ap_triton", "status"] == "skipped: the triton backend needs --device cuda"
     # 2 passes x 16 queries x 3 positives x 16 items
@@ -63,16 +63,16 @@ def test_a_reduced_precision_row_reports_its_error_against_fp32(monkeypatch):
     """On a CPU TF32 changes nothing, so a TF32 row must report zero error; with products 0.1% off standing in
     for TF32's, the error against fp32 must show."""
     import bench.benchmarks.loss_bench as bench
-    import losses.smooth_ap
+    import losses._similarities
 
     monkeypatch.setitem(bench.BACKEND_ROWS, "smooth_ap_torch_tf32", {"backend": "torch", "tf32": True})
     case = {"batch": 64, "samples_per_class": 4, "dim": 16, "device": "cpu", "repeats": 1, "threads": 1}
     result = bench._measure_case("smooth_ap_torch_tf32", min_seconds=0.0, **case)
     assert result["loss_err"] == 0.0 and result["grad_rel_err"] == 0.0
 
-    exact_gram = losses.smooth_ap._Gram.apply
+    exact_gram = losses._similarities.Gram.apply
     monkeypatch.setattr(
-        losses.smooth_ap._Gram, "apply", lambda emb, tf32: exact_gram(emb, tf32) * (1.001 if tf32 else 1.0)
+        losses._similarities.Gram, "apply", lambda emb, tf32: exact_gram(emb, tf32) * (1.001 if tf32 else 1.0)
     )
     result = bench._measure_case("smooth_ap_torch_tf32", min_seconds=0.0, **case)
     assert result["loss_err"] > 1e-6 and result["grad_rel_err"] > 1e-4

@@ -10,38 +10,39 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bench.benchmarks import train_bench
+from bench.benchmarks import step_clock, train_bench
+from bench.benchmarks.step_clock import PARTS, StepClock
 from bench.benchmarks.train_bench import (
-    PARTS,
-    StepClock,
-    _measure_case,
+    TrainCase,
+    TrainSetup,
+    TrainSweep,
     format_table,
+    measure_case,
     run_train_bench,
-    write_jpegs,
 )
+from bench.benchmarks.train_inputs import write_jpegs
 from bench.cli import main
 from bench.cli.parser import build_parser
 from bench.config import ConfigError
 
-TINY = {
-    "backbone": "convnet",
-    "image_size": 8,
-    "batch_size": 16,
-    "samples_per_class": 4,
-    "loss": "smooth_ap",
-    "embedding_dim": 8,
-    "freeze_bn": True,
-    "steps": 2,
-    "warmup": 1,
-    "device": "cpu",
-    "threads": 1,
-}
+TINY = TrainSetup(
+    backbone="convnet",
+    image_size=8,
+    batch_size=16,
+    samples_per_class=4,
+    loss="smooth_ap",
+    embedding_dim=8,
+    freeze_bn=True,
+    steps=2,
+    warmup=1,
+    device="cpu",
+)
 
 
 @pytest.mark.parametrize("chunk_size,step", [(None, "PlainStep"), (4, "CachedStep")])
 def test_a_case_times_the_step_it_names(chunk_size, step):
     threads = torch.get_num_threads()
-    result = _measure_case(chunk_size=chunk_size, **TINY)
+    result = measure_case(TrainCase(TINY, chunk_size=chunk_size))
     torch.set_num_threads(threads)  # the case sets its own
     assert result["step"] == step
     assert result["fastest_s"] <= result["step_s"]
@@ -56,7 +57,7 @@ def test_a_jpeg_case_loads_through_the_runs_loader(tmp_path, decode):
     """Data wait is real loading; with decode gpu the decoding is part of the move to the device."""
     write_jpegs(tmp_path, 6, side=40)
     threads = torch.get_num_threads()
-    result = _measure_case(chunk_size=None, decode=decode, jpeg_dir=str(tmp_path), workers=0, **TINY)
+    result = measure_case(TrainCase(TINY, decode=decode, jpeg_dir=str(tmp_path), workers=0))
     torch.set_num_threads(threads)
     assert result["step"] == "PlainStep" and result["data_s"] > 0
     assert sum(result[part] for part in PARTS) == pytest.approx(result["step_s"])
@@ -71,7 +72,7 @@ def test_the_clock_puts_each_part_of_a_step_where_it_belongs(monkeypatch):
     def take(seconds: float) -> None:
         clock.now += seconds
 
-    monkeypatch.setattr(train_bench, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr(step_clock, "time", SimpleNamespace(perf_counter=lambda: clock.now))
 
     class Takes(torch.nn.Module):
         def __init__(self, seconds: float) -> None:
@@ -102,9 +103,9 @@ def test_the_clock_puts_each_part_of_a_step_where_it_belongs(monkeypatch):
         optimizer.step()
 
     trainer = SimpleNamespace(forward_model=model, loss_fn=loss_fn, optimizer=optimizer, step=step)
-    step_clock = StepClock(trainer, torch.device("cpu"))
-    parts = step_clock.step(trainer, iter([(torch.zeros(1), torch.zeros(1))]))
-    step_clock.close()
+    timer = StepClock(trainer, torch.device("cpu"))
+    parts = timer.step(trainer, iter([(torch.zeros(1), torch.zeros(1))]))
+    timer.close()
     expected = {"data_s": 0.0, "to_device_s": 0.0, "forward_s": 0.12, "loss_s": 0.03}
     assert parts == pytest.approx({**expected, "backward_s": 0.06, "optimizer_s": 0.09})
     assert not model._forward_hooks and not loss_fn._forward_pre_hooks  # close() leaves the modules as found
@@ -113,21 +114,13 @@ def test_the_clock_puts_each_part_of_a_step_where_it_belongs(monkeypatch):
 def test_decode_gpu_is_refused_on_a_cpu_before_any_launch(monkeypatch):
     monkeypatch.setattr(train_bench, "_launch_case", pytest.fail)
     with pytest.raises(ConfigError, match="data.decode: gpu .* device is cpu"):
-        run_train_bench(decodes=("memory", "gpu"), device="cpu", progress=False)
+        run_train_bench(TrainSetup(device="cpu"), TrainSweep(decodes=("memory", "gpu")), progress=False)
 
 
 def test_a_gpu_decode_case_runs_end_to_end_in_its_own_launch():
     """The case arguments reach the launched process: JPEG folder, decode, workers (here on the CPU)."""
-    table = run_train_bench(
-        decodes=("gpu",),
-        modes=("plain",),
-        jpeg_images=4,
-        jpeg_side=40,
-        workers=1,
-        any_device=True,
-        progress=False,
-        **{k: v for k, v in TINY.items() if k != "threads"},
-    )
+    sweep = TrainSweep(decodes=("gpu",), modes=("plain",), jpeg_images=4, jpeg_side=40, workers=1)
+    table = run_train_bench(TINY, sweep, any_device=True, progress=False)
     assert list(table["status"]) == ["ok"], table["status"].tolist()
     assert list(table["decode"]) == ["gpu"] and table["data_s"].iloc[0] > 0
     assert "| 1 | gpu | plain |  | 16 |" in format_table(table)
@@ -147,9 +140,7 @@ def test_bench_train_flags_reach_the_paper_recipe():
 
 
 def test_two_processes_launched_by_torchrun_report_both_steps_side_by_side():
-    table = run_train_bench(
-        processes=(2,), chunk_size=4, progress=False, **{k: v for k, v in TINY.items() if k != "threads"}
-    )
+    table = run_train_bench(TINY, TrainSweep(processes=(2,), chunk_size=4), progress=False)
     assert list(table["status"]) == ["ok", "ok"], table["status"].tolist()
     assert list(table["mode"]) == ["plain", "chunked"] and list(table["step"]) == ["PlainStep", "CachedStep"]
     assert list(table["decode"]) == ["memory", "memory"]
@@ -173,18 +164,17 @@ def test_ratios_compare_the_right_rows(monkeypatch):
     }
     slower = {"memory": 1.0, "cpu": 2.0}  # the cpu input's steps take twice as long, its peaks twice as high
 
-    def fake_launch(args, processes, timeout_s):
-        row = measured[(processes, args["chunk_size"])]
-        factor = slower[args["decode"]]
+    def fake_launch(case, processes, timeout_s):
+        row = measured[(processes, case.chunk_size)]
+        factor = slower[case.decode]
         step_s, peak_mb = row["step_s"] * factor, row["peak_mb"] * factor
         result = {"status": "ok", "step": "", "step_s": step_s, "fastest_s": step_s, "peak_mb": peak_mb}
         return {**result, "images_per_s": 32 / step_s}
 
     monkeypatch.setattr(train_bench, "_launch_case", fake_launch)
     inputs = ("memory", "cpu")
-    table = run_train_bench(
-        batch_size=32, chunk_size=8, processes=(1, 2), decodes=inputs, jpeg_images=1, progress=False
-    )
+    sweep = TrainSweep(chunk_size=8, processes=(1, 2), decodes=inputs, jpeg_images=1)
+    table = run_train_bench(TrainSetup(batch_size=32), sweep, progress=False)
     assert table["decode"].tolist() == ["memory", "memory", "cpu", "cpu"] * 2
     assert table["peak_x_plain"].tolist() == pytest.approx([1.0, 0.25, 1.0, 0.25, 1.0, 0.2, 1.0, 0.2])
     assert table["speed_x_1proc"].tolist() == pytest.approx([1.0, 1.0, 1.0, 1.0, 2.0, 1.6, 2.0, 1.6])
@@ -200,8 +190,8 @@ def test_bench_train_under_torchrun_is_refused_with_the_way_forward(monkeypatch,
 def test_the_command_passes_its_input_flags_through(monkeypatch):
     seen = {}
 
-    def fake_run(**kwargs):
-        seen.update(kwargs)
+    def fake_run(setup, sweep):
+        seen.update(setup=setup, sweep=sweep)
         return None
 
     monkeypatch.setattr(train_bench, "run_train_bench", fake_run)
@@ -209,5 +199,6 @@ def test_the_command_passes_its_input_flags_through(monkeypatch):
     argv = ["bench", "train", "--device", "cpu", "--decode", "cpu,gpu", "--modes", "plain"]
     argv += ["--jpeg-images", "64", "--jpeg-side", "320", "--workers", "3", "--precision", "fp32"]
     assert main(argv) == 0
-    assert seen["decodes"] == ("cpu", "gpu") and seen["modes"] == ("plain",)
-    assert (seen["jpeg_images"], seen["jpeg_side"], seen["workers"], seen["amp"]) == (64, 320, 3, False)
+    sweep = seen["sweep"]
+    assert sweep.decodes == ("cpu", "gpu") and sweep.modes == ("plain",)
+    assert (sweep.jpeg_images, sweep.jpeg_side, sweep.workers, seen["setup"].amp) == (64, 320, 3, False)

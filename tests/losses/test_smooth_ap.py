@@ -150,7 +150,7 @@ def test_rejects_bad_input():
 
 
 def test_tf32_products_are_scoped_to_the_loss():
-    from losses.smooth_ap import cuda_matmul_precision
+    from losses._similarities import cuda_matmul_precision
 
     matmul = torch.backends.cuda.matmul
     before = matmul.allow_tf32, torch.get_float32_matmul_precision()
@@ -204,12 +204,12 @@ def test_tf32_covers_every_product_forward_and_backward(with_refs):
 
 
 def test_symmetrize_in_place_is_a_plus_a_transposed(monkeypatch):
-    import losses.smooth_ap as smooth_ap
+    import losses._similarities as similarities
 
-    monkeypatch.setattr(smooth_ap, "SYMMETRIZE_TILE", 3)  # partial tiles, off-diagonal pairs, the diagonal
+    monkeypatch.setattr(similarities, "SYMMETRIZE_TILE", 3)  # partial tiles, off-diagonal pairs, the diagonal
     matrix = torch.randn(8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     expected = matrix + matrix.T
-    assert smooth_ap.symmetrize_(matrix) is matrix
+    assert similarities.symmetrize_(matrix) is matrix
     assert torch.equal(matrix, expected)
 
 
@@ -217,9 +217,9 @@ def test_gram_backward_makes_no_third_square_buffer(monkeypatch):
     """dE = (G + G^T) E, with G + G^T formed in G's memory: no op outputs another B x B matrix."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    import losses.smooth_ap as smooth_ap
+    import losses._similarities as similarities
 
-    monkeypatch.setattr(smooth_ap, "SYMMETRIZE_TILE", 4)
+    monkeypatch.setattr(similarities, "SYMMETRIZE_TILE", 4)
     gen = torch.Generator().manual_seed(1)
     emb = torch.randn(16, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(16, 16, generator=gen, dtype=torch.float64)
@@ -233,7 +233,7 @@ def test_gram_backward_makes_no_third_square_buffer(monkeypatch):
                 squares.append(str(func))
             return out
 
-    sims = smooth_ap._Gram.apply(emb, False)
+    sims = similarities.Gram.apply(emb, False)
     with Squares():
         sims.backward(grad)
     torch.testing.assert_close(emb.grad, expected, rtol=0, atol=1e-12)

@@ -18,7 +18,7 @@ from scipy import stats
 
 from bench.data import EvalSplit
 from bench.data.omniglot import TensorImages
-from bench.report import figures, gradients, runs, tables
+from bench.report import figures, gradients, retrieval_figure, runs, tables
 
 REPORT_FIGURES = [
     "recall_at_k_folder",
@@ -140,7 +140,7 @@ def test_retrieval_frames_match_brute_force_search():
     vectors = centres[labels] + 0.6 * rng.normal(size=(20, 16))
     images = torch.tensor(vectors, dtype=torch.float32).reshape(20, 1, 4, 4)
     split = EvalSplit("test", TensorImages(images, labels))
-    fig, data = figures.retrieval_examples(Flatten(), split, n_queries=5, k=5, seed=3)
+    fig, data = retrieval_figure.retrieval_examples(Flatten(), split, n_queries=5, k=5, seed=3)
 
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     sims = unit @ unit.T
@@ -152,7 +152,7 @@ def test_retrieval_frames_match_brute_force_search():
         top = np.argsort(-sims[q], kind="stable")[:5]
         assert data[data["query"] == q].sort_values("rank")["item"].tolist() == top.tolist()
         for c, item in enumerate(top):
-            colour = figures.RIGHT if labels[item] == labels[q] else figures.WRONG
+            colour = retrieval_figure.RIGHT if labels[item] == labels[q] else retrieval_figure.WRONG
             assert grid[r, c + 1].patches[0].get_edgecolor() == to_rgba(colour)
     assert not data["correct"].all() and data["correct"].any()  # both frame colours are exercised
     assert grid[0, 0].get_title() == "query" and grid[0, 5].get_title() == "top 5"

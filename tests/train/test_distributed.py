@@ -108,11 +108,13 @@ def train_a_few_steps(workdir: Path, case, dist: Distributed | None) -> dict:
     overrides = [e for e in extra if e not in (RANKS_DRAW_APART, AUGMENTED)]
     # oneDNN's channels_last convolutions choose their blocking by batch size, so a rank's half batch rounds
     # apart from the whole one in float32: the plain layout leaves only what the distribution changes
-    exp = tiny_experiment(
-        workdir,
-        epochs=2,
-        extra=["model.freeze_bn=true", "data.augment=false", "train.channels_last=false", *overrides],
-    )
+    settings = [
+        "model.freeze_bn=true",
+        "data.augment=false",
+        "train.channels_last=false",
+        f"loss.name={name}",
+    ]
+    exp = tiny_experiment(workdir, epochs=2, extra=[*settings, *overrides])
     bundle = tiny_bundle()
     bundle.train.augment = AUGMENTED in extra
     trainer, _ = build_trainer(exp, losses.get_loss(name, **LOSS_PARAMS.get(name, {})), bundle, CPU, dist)
@@ -164,7 +166,6 @@ class InterruptAt(torch.nn.Module):
     def __init__(self, inner: torch.nn.Module, at: int) -> None:
         super().__init__()
         self.inner, self.at, self.calls = inner, at, 0
-        self.splits_by_query = inner.splits_by_query
 
     def forward(self, *args, **kwargs):
         self.calls += 1

@@ -4,8 +4,8 @@ The layout matrix: 2 and 3 processes (gloo, started here as torchrun would), 1 t
 to 4 over classes of uneven size (short classes are topped up with repeats), training classes carved with
 `data.val_fraction` 0 and 0.2, with and without a cross-batch memory, each of the six losses and both of
 Smooth-AP's `include_self` settings. Each rank takes its `RankShare` of the sampler's global batches, looks
-its images' embeddings up in one fixed float64 table and runs the step's `compute_loss` (gather, memory, rank
-reduction); the independent truth is `compute_loss` in one process on the sampler's global batch. In float64
+its images' embeddings up in one fixed float64 table and runs the step's `BatchLoss` (gather, memory, rank
+reduction); the independent truth is the `BatchLoss` of one process on the sampler's global batch. In float64
 the rank's loss equals the global loss and its dL/dE, divided by the step's `grad_scale`, the global dL/dE's
 rows, both to 1e-12: exact, so any residue in float32 is rounding.
 
@@ -24,7 +24,6 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -35,9 +34,9 @@ from bench.config import ModelConfig
 from bench.data.samplers import PKSampler, RankShare
 from bench.data.splits import carve_validation
 from bench.models import build_model
+from bench.train.batch_loss import batch_loss
 from bench.train.distributed import Distributed
 from bench.train.memory import CrossBatchMemory
-from bench.train.steps import compute_loss
 from tests.helpers import write_folder_dataset
 from tests.train.test_distributed import launch
 
@@ -96,15 +95,13 @@ def run_layout(layout: Layout, world: int, dist: Distributed | None, dtype=torch
     sampler = PKSampler(LABELS[train], world * layout.per_rank * layout.k, layout.k, seed=1)
     batches = sampler if dist is None else RankShare(sampler, dist.rank, world)
     memory = CrossBatchMemory(layout.memory) if layout.memory else None
-    trainer = SimpleNamespace(
-        loss_fn=losses.get_loss(layout.loss, **layout.params), dist=dist, memory=memory, global_step=0
-    )
+    splits = losses.get_spec(layout.loss).capabilities.splits_by_query
+    loss = batch_loss(losses.get_loss(layout.loss, **layout.params), splits, dist, memory)
     table, results = embedding_table(dtype), []
     for step, batch in zip(range(layout.steps), batches, strict=False):  # an epoch may run longer
-        trainer.global_step = step
         embeddings = table[train[batch]].clone().requires_grad_(True)
         torch.manual_seed(step)  # what a loss draws (Blackbox AP's margin); every rank takes rank 0's
-        terms = compute_loss(trainer, embeddings, torch.as_tensor(LABELS[train[batch]]))
+        terms = loss(embeddings, torch.as_tensor(LABELS[train[batch]]), step)
         terms.backward.backward()
         results.append((terms.value, embeddings.grad / terms.grad_scale))
     return results

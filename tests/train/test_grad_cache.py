@@ -4,14 +4,16 @@ gradients are the unchunked step's; a chunk's random state is replayed, so a mod
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from functools import partial
 
 import pytest
 import torch
 
 import losses
 from bench.train import build_trainer, train_and_evaluate
-from bench.train.steps import CachedStep, PlainStep
+from bench.train.steps import CachedStep, PlainStep, StepSettings
 from tests.helpers import tiny_bundle, tiny_experiment
 
 CPU = torch.device("cpu")
@@ -27,11 +29,23 @@ def first_batch(trainer):
     return next(iter(trainer.loader))
 
 
-def step_gradients(tmp_path, bundle, loss_name: str, step, double: bool = True) -> dict[str, torch.Tensor]:
+def plain_step(trainer) -> PlainStep:
+    """The plain step with the settings and loss `trainer`'s own step was built with."""
+    return PlainStep(trainer.step.settings, trainer.step.loss)
+
+
+def cached(trainer, chunk_size: int, settings: StepSettings | None = None) -> CachedStep:
+    """The gradient-cached step with the settings (or `settings`) and loss of `trainer`'s own step."""
+    return CachedStep(settings or trainer.step.settings, trainer.step.loss, chunk_size)
+
+
+def step_gradients(
+    tmp_path, bundle, loss_name: str, make_step, double: bool = True
+) -> dict[str, torch.Tensor]:
     """The parameter gradients one step leaves behind, from the seeded initial weights, on the first batch."""
-    exp = tiny_experiment(tmp_path, extra=["model.freeze_bn=true"])
+    exp = tiny_experiment(tmp_path, extra=["model.freeze_bn=true", f"loss.name={loss_name}"])
     trainer, _ = build_trainer(exp, losses.get_loss(loss_name), bundle, CPU)
-    trainer.step = step
+    trainer.step = step = make_step(trainer)
     images, labels = first_batch(trainer)
     if double:
         trainer.model.double()
@@ -46,10 +60,10 @@ def step_gradients(tmp_path, bundle, loss_name: str, step, double: bool = True) 
 def test_chunked_gradients_equal_the_plain_step_with_frozen_batchnorm(tmp_path, bundle, loss_name):
     """Float64 weights, chunks of B/4 and of 1 image: every parameter gradient within 1e-6."""
     batch = tiny_experiment(tmp_path).data.batch_size
-    plain = step_gradients(tmp_path, bundle, loss_name, PlainStep())
+    plain = step_gradients(tmp_path, bundle, loss_name, plain_step)
     assert len(plain) > 2 and all(g.abs().sum() > 0 for g in plain.values())
     for chunk in (batch // 4, 1):
-        chunked = step_gradients(tmp_path, bundle, loss_name, CachedStep(chunk))
+        chunked = step_gradients(tmp_path, bundle, loss_name, partial(cached, chunk_size=chunk))
         assert chunked.keys() == plain.keys()
         for name, grad in plain.items():
             torch.testing.assert_close(
@@ -61,7 +75,7 @@ def test_a_chunk_is_replayed_with_its_random_state(tmp_path, bundle):
     """With dropout in the head, the replayed chunks must draw the masks the first pass drew: the gradient is
     then autograd's through the chunk-by-chunk forward, and the random stream goes on after the step as it
     does after that forward and the loss (Blackbox AP draws its margins from it too)."""
-    exp = tiny_experiment(tmp_path, extra=["model.freeze_bn=true"])
+    exp = tiny_experiment(tmp_path, extra=["model.freeze_bn=true", "loss.name=blackbox_ap"])
     grads, after = [], []
     for chunked in (True, False):
         trainer, _ = build_trainer(exp, losses.get_loss("blackbox_ap"), bundle, CPU)
@@ -70,7 +84,7 @@ def test_a_chunk_is_replayed_with_its_random_state(tmp_path, bundle):
         images, labels = first_batch(trainer)
         torch.manual_seed(9)
         if chunked:
-            CachedStep(4)(trainer, images, labels)
+            cached(trainer, 4)(trainer, images, labels)
         else:  # the reference: the same chunks embedded one after the other, with a graph
             embeddings = torch.cat([trainer.model(chunk) for chunk in images.split(4)])
             trainer.loss_fn(embeddings, labels).backward()
@@ -84,11 +98,16 @@ def test_a_chunk_is_replayed_with_its_random_state(tmp_path, bundle):
 def test_batchnorm_in_training_mode_warns_at_start_up(tmp_path, bundle):
     with pytest.warns(UserWarning, match=r"train.chunk_size=4 with BatchNorm in training mode"):
         build_trainer(
-            tiny_experiment(tmp_path, extra=["train.chunk_size=4"]), losses.get_loss("triplet"), bundle, CPU
+            tiny_experiment(tmp_path, extra=["train.chunk_size=4", "loss.name=triplet"]),
+            losses.get_loss("triplet"),
+            bundle,
+            CPU,
         )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        exp = tiny_experiment(tmp_path, extra=["train.chunk_size=4", "model.freeze_bn=true"])
+        exp = tiny_experiment(
+            tmp_path, extra=["train.chunk_size=4", "model.freeze_bn=true", "loss.name=triplet"]
+        )
         trainer, _ = build_trainer(exp, losses.get_loss("triplet"), bundle, CPU)
     assert isinstance(trainer.step, CachedStep) and trainer.step.chunk_size == 4
 
@@ -116,10 +135,11 @@ def test_batchnorm_statistics_are_updated_once_per_cached_step(tmp_path, bundle)
     exp = tiny_experiment(tmp_path)  # model.freeze_bn off: BatchNorm in training mode
     batch = exp.data.batch_size
     stats, grads = {}, {}
-    for name, step in (("plain", PlainStep()), ("cached", CachedStep(batch))):
+    for name, make_step in (("plain", plain_step), ("cached", partial(cached, chunk_size=batch))):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the start-up warning about chunked BatchNorm
             trainer, _ = build_trainer(exp, losses.get_loss("smooth_ap"), bundle, CPU)
+        step = make_step(trainer)
         norms = [m for m in trainer.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         assert norms
         trainer.model.train()
@@ -138,15 +158,12 @@ def test_batchnorm_statistics_are_updated_once_per_cached_step(tmp_path, bundle)
         torch.testing.assert_close(grads["cached"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_cached_step_lays_out_chunks_not_a_second_copy_of_the_batch(tmp_path, bundle, monkeypatch):
+def test_cached_step_lays_out_chunks_not_a_second_copy_of_the_batch(tmp_path, bundle):
     """With channels_last on (forced here: it applies on CUDA only), each chunk reaches the model in that
     layout and no operation makes a full-batch copy of the images."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    import bench.train.steps as steps
-
-    monkeypatch.setattr(steps, "channels_last", lambda trainer: True)
-    exp = tiny_experiment(tmp_path, extra=["model.freeze_bn=true"])
+    exp = tiny_experiment(tmp_path, extra=["model.freeze_bn=true", "loss.name=triplet"])
     trainer, _ = build_trainer(exp, losses.get_loss("triplet"), bundle, CPU)
     images, labels = first_batch(trainer)
     seen = []
@@ -164,7 +181,8 @@ def test_cached_step_lays_out_chunks_not_a_second_copy_of_the_batch(tmp_path, bu
                 copies.append(str(func))
             return out
 
+    channels_last = dataclasses.replace(trainer.step.settings, channels_last=True)
     with Copies():
-        CachedStep(4)(trainer, images, labels)
+        cached(trainer, 4, channels_last)(trainer, images, labels)
     assert seen == [(4, True)] * (2 * (labels.numel() // 4))  # each chunk, first pass and replay
     assert copies == []

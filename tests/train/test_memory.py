@@ -132,9 +132,10 @@ class SquareOnly(torch.nn.Module):
         return embeddings.sum() * 0.0
 
 
-def test_a_loss_without_the_queries_x_gallery_form_cannot_have_a_memory(tmp_path):
-    exp = tiny_experiment(tmp_path, extra=["loss.memory_size=8"])
+def test_a_loss_without_the_queries_x_gallery_form_cannot_have_a_memory(tmp_path, monkeypatch):
+    monkeypatch.setitem(losses._REGISTRY, "square_only", losses.make_spec("square_only", SquareOnly))
+    exp = tiny_experiment(tmp_path, extra=["loss.name=square_only", "loss.memory_size=8"])
     with pytest.raises(
-        ConfigError, match=r"loss.memory_size: loss 'smooth_ap' \(SquareOnly\) has no queries x"
+        ConfigError, match=r"loss.memory_size: loss 'square_only' \(SquareOnly\) has no queries x"
     ):
         build_trainer(exp, SquareOnly(), tiny_bundle(), CPU)

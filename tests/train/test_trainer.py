@@ -33,27 +33,26 @@ class Recorder(Hook):
 class CountingStep:
     """A strategy that delegates to the plain step: proves the trainer uses whatever step it is given."""
 
-    def __init__(self) -> None:
-        self.inner, self.calls = PlainStep(), 0
+    def __init__(self, inner: PlainStep) -> None:
+        self.inner, self.calls = inner, 0
 
     def __call__(self, trainer, images, labels):
         self.calls += 1
         return self.inner(trainer, images, labels)
 
 
-def _trainer(tmp_path, bundle, step=None, hooks=()):
+def _trainer(tmp_path, bundle, hooks=()):
     exp = omniglot_experiment(tmp_path, "train.epochs=2")
     trainer, _ = build_trainer(exp, losses.get_loss("smooth_ap"), bundle, torch.device("cpu"))
     trainer.hooks = list(hooks)
-    if step is not None:
-        trainer.step = step
     return trainer
 
 
 def test_hooks_are_called_in_order_and_the_step_is_replaceable(tmp_path):
     bundle = tiny_omniglot(per_class=8)
-    recorder, counting = Recorder(), CountingStep()
-    trainer = _trainer(tmp_path, bundle, counting, [recorder])
+    recorder = Recorder()
+    trainer = _trainer(tmp_path, bundle, [recorder])
+    trainer.step = counting = CountingStep(trainer.step)
     trainer.train()
     batches = len(trainer.loader)
     assert batches > 1 and counting.calls == 2 * batches
@@ -81,5 +80,5 @@ def test_epoch_metrics_are_the_means_of_the_steps(tmp_path):
             ]
             assert abs(trainer.metrics["train/loss"] - sum(losses_seen) / len(losses_seen)) < 1e-6
 
-    trainer = _trainer(tmp_path, tiny_omniglot(per_class=8), hooks=[recorder, Means()])
+    trainer = _trainer(tmp_path, tiny_omniglot(per_class=8), [recorder, Means()])
     trainer.train()

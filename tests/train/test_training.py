@@ -86,7 +86,7 @@ class NaNAfter(torch.nn.Module):
 def test_nan_loss_stops_with_a_clear_message_and_a_failed_run(
     tmp_path, bundle, tracking_uri, tracker, monkeypatch
 ):
-    monkeypatch.setitem(losses._REGISTRY, "nan_after", losses.LossSpec("nan_after", NaNAfter, {"after": 5}))
+    monkeypatch.setitem(losses._REGISTRY, "nan_after", losses.make_spec("nan_after", NaNAfter))
     exp = omniglot_experiment(tmp_path, "loss.name=nan_after")
     with pytest.raises(NonFiniteLossError, match=r"nan_after became nan at epoch 1, batch 6; lower optim.lr"):
         train_and_evaluate(exp, tracker, bundle=bundle, progress=False)
