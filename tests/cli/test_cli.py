@@ -49,8 +49,8 @@ def test_unknown_loss_exits_2_listing_the_registry(capsys, tmp_path):
 @pytest.mark.parametrize(
     ("argv", "name", "trials"),
     [
-        (["run"], "omniglot", 5),
-        (["run", "--experiment-name", "abl"], "abl", 5),  # a full run under its own name
+        (["run"], "omniglot", None),  # None: the bundled config's own budget
+        (["run", "--experiment-name", "abl"], "abl", None),  # a full run under its own name
         (["run", "--quick"], "omniglot-quick", 2),
         (
             ["run", "--quick", "--experiment-name", "q2", "--set", "tune.trials=3"],
@@ -61,8 +61,10 @@ def test_unknown_loss_exits_2_listing_the_registry(capsys, tmp_path):
 )
 def test_run_names_its_experiment_and_applies_the_quick_budget(argv, name, trials):
     from bench.cli.commands import main_job_experiment
+    from bench.config import load_experiment
 
     exp = main_job_experiment(build_parser().parse_args(argv))
+    trials = load_experiment("omniglot").tune.trials if trials is None else trials
     assert (exp.name, exp.tracking.experiment, exp.tune.trials) == (name, name, trials)
 
 
