@@ -19,6 +19,12 @@ from tests.helpers import WAIT_S, reaped, wait_until, write_folder_dataset
 REPO = Path(__file__).resolve().parents[2]
 
 
+def hear_ctrl_c() -> None:
+    """In the child before it starts: SIGINT as a terminal gives it. A suite started in the background from a
+    script (`pytest &`) runs with SIGINT ignored, and an ignored signal stays ignored across exec."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_in_a_running_train_exits_130_in_one_line(tmp_path):
     checkpoints = tmp_path / "checkpoints"
     argv = [
@@ -41,6 +47,7 @@ def test_ctrl_c_in_a_running_train_exits_130_in_one_line(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=hear_ctrl_c,
     )
     checkpoint = checkpoints / "omniglot" / "smooth_ap-seed0" / "last.pt"
     wait_until(checkpoint.exists, f"train to write {checkpoint}", process=process)
@@ -102,7 +109,8 @@ def test_ctrl_c_to_a_tune_with_workers_is_one_line_from_the_parent(tmp_path):
     for setting in settings:
         command += ["--set", setting]
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-    with reaped(subprocess.Popen(command, cwd=tmp_path, start_new_session=True, **pipes)) as process:
+    started = subprocess.Popen(command, cwd=tmp_path, start_new_session=True, preexec_fn=hear_ctrl_c, **pipes)
+    with reaped(started) as process:
         trials_seen = 0
         for line in process.stdout:  # each worker's trial lines: both are training
             trials_seen += line.startswith("[worker") and "trial" in line
