@@ -51,22 +51,12 @@ class TreeResult:
 
 def tree_label(tree: Path) -> str:
     """The checkout's short commit, with `+` when it has uncommitted changes; its folder name if not git."""
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+    from bench.tracking.tracker import git_commit
+
+    commit = git_commit(tree)
+    if commit is None:
         return tree.name
-    return head + ("+" if dirty else "")
+    return commit[:7] + ("+" if commit.endswith("-dirty") else "")
 
 
 def train_once(tree: Path, case: EpochCase, seed: int, store: Path) -> float:

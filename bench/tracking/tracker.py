@@ -300,9 +300,10 @@ def _param_text(value: Any) -> str:
     return redact(str(value))[:6000]
 
 
-def git_commit() -> str | None:
-    """The commit of the source tree this code runs from, with `-dirty` when it has uncommitted changes."""
-    repo = Path(__file__).resolve().parents[2]
+def git_commit(repo: Path | None = None) -> str | None:
+    """The commit of `repo` (default: the source tree this code runs from), with `-dirty` when it has
+    uncommitted changes; None outside git."""
+    repo = repo or Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10
